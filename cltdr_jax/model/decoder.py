@@ -1,0 +1,188 @@
+"""The CLTDR decoder: decoupled features (DCM, DRM), cross-layer fusion (CLFF) and the heads.
+
+REFERENCE.md 5.1-5.6. DCM, DRM and CLFF use plain convolutions with biases and no masking, and one
+parameter set shared by all levels; the heads use masked convolutions, so their outputs are exactly 0 at
+padded positions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cltdr_jax.model.layers import ChannelLayerNorm, Conv1D, MaskedConv1D, UpConv, constant
+
+Array = jax.Array
+
+
+class DecoupledFusion(nn.Module):
+    """DCM (`neighbours=("above",)`) or DRM (`("below",)`): enrich each level with a neighbouring level.
+
+    attention (the reference): F_l = P_l + a * h with h = Up(P_{l+1}) or Down(P_{l-1}),
+    a = sigmoid(W GAP(ReLU(h + Pw(P_l))) + b); the average pool runs over the full padded length.
+    `add` and `concat` are the fusion ablations of the paper's Table 11; several neighbours are the
+    pyramid-layer ablations of Table 9. Levels without the neighbour keep P_l.
+    """
+
+    neighbours: tuple[str, ...]
+    fusion: str = "attention"
+
+    @nn.compact
+    def __call__(self, feats: list[Array]) -> list[Array]:
+        d = feats[0].shape[-1]
+        up = UpConv(d, name="contrans") if "above" in self.neighbours else None
+        down = Conv1D(d, 3, stride=2, name="down") if "below" in self.neighbours else None
+        pointwise = Conv1D(d, 1, name="conv_l") if self.fusion == "attention" else None
+        attn = Conv1D(d, 1, name="attn") if self.fusion == "attention" else None
+        concat = Conv1D(d, 1, name="concat_proj") if self.fusion == "concat" else None
+
+        out = []
+        for l, p in enumerate(feats):
+            neighbours = []
+            if up is not None and l + 1 < len(feats):
+                neighbours.append(up(feats[l + 1]))
+            if down is not None and l > 0:
+                neighbours.append(down(feats[l - 1]))
+            if not neighbours:
+                out.append(p)
+                continue
+            if self.fusion == "attention":
+                q = pointwise(p)
+                fused = p
+                for h in neighbours:
+                    a = jax.nn.sigmoid(attn(jnp.mean(jax.nn.relu(h + q), axis=1, keepdims=True)))
+                    fused = fused + a * h
+            elif self.fusion == "add":
+                fused = p
+                for h in neighbours:
+                    fused = fused + h
+            else:
+                fused = concat(jnp.concatenate([p, *neighbours], axis=-1))
+            out.append(fused)
+        return out
+
+
+class CrossLevelFusion(nn.Module):
+    """CLFF: F_l = (Up(P_{l+1}) + P_l) + Down(P_{l-1}), two-input versions at both ends (REFERENCE.md 5.4)."""
+
+    @nn.compact
+    def __call__(self, feats: list[Array]) -> list[Array]:
+        d = feats[0].shape[-1]
+        up = UpConv(d, name="convtrans")
+        down = Conv1D(d, 3, stride=2, name="conv")
+        last = len(feats) - 1
+        out = []
+        for l, p in enumerate(feats):
+            if l == 0:
+                out.append(up(feats[1]) + p)
+            elif l == last:
+                out.append(p + down(feats[l - 1]))
+            else:
+                out.append((up(feats[l + 1]) + p) + down(feats[l - 1]))
+        return out
+
+
+class HeadTrunk(nn.Module):
+    """`num_layers` x (masked conv without bias -> channel LayerNorm -> ReLU)."""
+
+    features: int
+    kernel_size: int
+    num_layers: int
+    with_ln: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        for j in range(self.num_layers):
+            x = MaskedConv1D(self.features, self.kernel_size, use_bias=not self.with_ln, name=f"head_{j}")(
+                x, mask
+            )
+            if self.with_ln:
+                x = ChannelLayerNorm(name=f"norm_{j}")(x)
+            x = jax.nn.relu(x)
+        return x
+
+
+def prior_bias(num_classes: int, prior: float, empty_classes: tuple[int, ...]) -> nn.initializers.Initializer:
+    """Classifier bias init -log((1 - pi) / pi); empty classes get pi = 1e-6 (REFERENCE.md 5.5, 7.9)."""
+    value = np.full(num_classes, -np.log((1 - prior) / prior), np.float32)
+    for c in empty_classes:
+        value[c] = -np.log((1 - 1e-6) / 1e-6)
+    return lambda key, shape, dtype=jnp.float32: jnp.asarray(value, dtype)
+
+
+class ClassifierHead(nn.Module):
+    """Trunk + one masked conv to `num_classes` logits. Used as cls_head and as the Trident start/end heads."""
+
+    head_dim: int
+    num_classes: int
+    kernel_size: int
+    num_layers: int
+    with_ln: bool
+    prior_prob: float
+    empty_classes: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
+        final = MaskedConv1D(
+            self.num_classes,
+            self.kernel_size,
+            bias_init=prior_bias(self.num_classes, self.prior_prob, self.empty_classes),
+            name="cls_head",
+        )
+        return [final(trunk(f, m), m) for f, m in zip(feats, masks)]
+
+
+class CentreOffsetHead(nn.Module):
+    """Trident centre-offset head: ReLU(kappa_l * conv(trunk(F^reg_l))), [B, T_l, 2 (nb + 1)] per level."""
+
+    head_dim: int
+    num_bins: int
+    kernel_size: int
+    num_layers: int
+    with_ln: bool
+
+    @nn.compact
+    def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
+        final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, name="offset_head")
+        out = []
+        for l, (f, m) in enumerate(zip(feats, masks)):
+            scale = self.param(f"scale_{l}", constant(1.0), ())
+            out.append(jax.nn.relu(scale * final(trunk(f, m), m)))
+        return out
+
+
+class RefineHead(nn.Module):
+    """RefineHead on the CLFF features: per-class start / end shifts (kernel 7) and refine class logits.
+
+    The reference also owns per-level `scale` scalars that its forward never uses; they are kept as
+    parameters so that checkpoints round-trip.
+    """
+
+    head_dim: int
+    num_classes: int
+    kernel_size: int
+    num_layers: int
+    with_ln: bool
+    num_levels: int
+
+    @nn.compact
+    def __call__(
+        self, feats: list[Array], masks: list[Array]
+    ) -> tuple[list[Array], list[Array], list[Array]]:
+        for l in range(self.num_levels):
+            self.param(f"scale_{l}", constant(1.0), ())
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
+        start = MaskedConv1D(self.num_classes, 7, name="s_offset_head")
+        end = MaskedConv1D(self.num_classes, 7, name="e_offset_head")
+        prob = MaskedConv1D(self.num_classes, self.kernel_size, name="prob_head")
+        starts, ends, probs = [], [], []
+        for f, m in zip(feats, masks):
+            h = trunk(f, m)
+            starts.append(start(h, m))
+            ends.append(end(h, m))
+            probs.append(prob(h, m))
+        return starts, ends, probs

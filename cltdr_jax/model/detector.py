@@ -1,0 +1,105 @@
+"""CLTDR-GMG: the GMG encoder and the CLTDR decoder as one Flax module.
+
+    model = CLTDRGMG(cfg.model, cfg.train_cfg)
+    variables = model.init(rng, feats, mask)           # feats [B, T_pad, D_in], mask [B, T_pad]
+    outputs = model.apply(variables, feats, mask)       # dict of per-level lists, channels-last
+
+Outputs (lists over levels l = 0 ... L-1, T_l = T_pad / 2**l):
+  cls_logits          [B, T_l, C]   refined logits Z = coarse * refine_prob (a product of LOGITS, 12.4)
+  coarse_cls_logits   [B, T_l, C]   cls_head logits A
+  refine_prob_logits  [B, T_l, C]   RefineHead class logits R^p
+  start_logits, end_logits [B, T_l, C]  Trident boundary logits (heads read the detached neck features)
+  reg_offsets         [B, T_l, 2 (nb + 1)]  Trident centre-offset logits, start side first
+  refine_start, refine_end [B, T_l, C]  RefineHead boundary shifts, in input-grid units
+  masks               [B, T_l] bool
+and, for parity tests, the feature maps backbone_feats, fpn_feats, cls_feats, reg_feats, cross_feats.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cltdr_jax.config import ModelConfig, TrainConfig
+from cltdr_jax.model.decoder import (
+    CentreOffsetHead,
+    ClassifierHead,
+    CrossLevelFusion,
+    DecoupledFusion,
+    RefineHead,
+)
+from cltdr_jax.model.encoder import Encoder
+
+Array = jax.Array
+
+
+class CLTDRGMG(nn.Module):
+    cfg: ModelConfig
+    train_cfg: TrainConfig = TrainConfig()
+
+    @nn.compact
+    def __call__(self, feats: Array, mask: Array, deterministic: bool = True) -> dict[str, list[Array]]:
+        m, t = self.cfg, self.train_cfg
+        num_levels = m.backbone_arch[2] + 1
+        trunk_layers = m.head_num_layers - 1
+        fpn, backbone, masks = Encoder(m, drop_path=t.droppath, name="backbone")(feats, mask, deterministic)
+
+        cls_feats = DecoupledFusion(m.cls_fusion_levels, m.fusion, name="decls")(fpn)
+        reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, name="dereg")(fpn)
+        cross_feats = CrossLevelFusion(name="cross_level")(fpn)
+
+        def classifier(kernel: int, name: str) -> ClassifierHead:
+            return ClassifierHead(
+                m.head_dim,
+                m.num_classes,
+                kernel,
+                trunk_layers,
+                m.head_with_ln,
+                t.cls_prior_prob,
+                tuple(t.head_empty_cls),
+                name=name,
+            )
+
+        coarse = classifier(m.head_kernel_size, "cls_head")(cls_feats, masks)
+        # The boundary heads read the neck features with the gradient stopped (REFERENCE.md 12.14).
+        detached = [jax.lax.stop_gradient(f) for f in fpn]
+        start = classifier(m.boudary_kernel_size, "start_head")(detached, masks)
+        end = classifier(m.boudary_kernel_size, "end_head")(detached, masks)
+        offsets = CentreOffsetHead(
+            m.head_dim, m.num_bins, m.head_kernel_size, trunk_layers, m.head_with_ln, name="reg_head"
+        )(reg_feats, masks)
+        refine_start, refine_end, refine_prob = RefineHead(
+            m.head_dim,
+            m.num_classes,
+            m.head_kernel_size,
+            trunk_layers,
+            m.head_with_ln,
+            num_levels,
+            name="refine_head",
+        )(cross_feats, masks)
+
+        if m.refine_cls:
+            cls_logits = [a * r for a, r in zip(coarse, refine_prob)]
+        else:
+            cls_logits = list(coarse)
+        if not m.refine_reg:
+            refine_start = [jnp.zeros_like(s) for s in refine_start]
+            refine_end = [jnp.zeros_like(e) for e in refine_end]
+
+        return {
+            "cls_logits": cls_logits,
+            "coarse_cls_logits": coarse,
+            "refine_prob_logits": refine_prob,
+            "start_logits": start,
+            "end_logits": end,
+            "reg_offsets": offsets,
+            "refine_start": refine_start,
+            "refine_end": refine_end,
+            "masks": masks,
+            "backbone_feats": backbone,
+            "fpn_feats": fpn,
+            "cls_feats": cls_feats,
+            "reg_feats": reg_feats,
+            "cross_feats": cross_feats,
+        }

@@ -1,0 +1,167 @@
+"""Primitive layers shared by the encoder and decoder (REFERENCE.md 4.1 and 5.1).
+
+Channels-last: activations are `[B, T, C]`, masks `[B, T]` bool. Kernels are stored as `[K, C_in, C_out]`
+(a torch Conv1d weight `[C_out, C_in, K]` transposed). Every convolution pads with zeros and is computed
+at HIGHEST precision so that float32 results match the reference on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Init = Callable[..., Array]
+HIGHEST = jax.lax.Precision.HIGHEST
+
+LN_EPS = 1e-5  # the reference's LayerNorm and GroupNorm eps (Flax defaults to 1e-6)
+
+
+def torch_uniform(fan_in: int) -> Init:
+    """PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def constant(value: float) -> Init:
+    return lambda key, shape, dtype=jnp.float32: jnp.full(shape, value, dtype)
+
+
+def gelu(x: Array) -> Array:
+    """The exact erf GELU of torch.nn.GELU (Flax's nn.gelu defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def conv1d(x: Array, kernel: Array, stride: int = 1) -> Array:
+    """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O]."""
+    k = kernel.shape[0]
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(stride,),
+        padding=((k // 2, k // 2),),
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        precision=HIGHEST,
+    )
+
+
+def dense(x: Array, kernel: Array) -> Array:
+    """A 1x1 convolution as a matmul: x [..., I], kernel [I, O] -> [..., O]."""
+    return jnp.matmul(x, kernel.astype(x.dtype), precision=HIGHEST)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over channels at each time step: biased variance, eps 1e-5, affine (torch names weight/bias)."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        # Statistics in float32 even when the activations are bfloat16.
+        x32 = x.astype(jnp.float32)
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        out = (x32 - mu) / jnp.sqrt(var + LN_EPS) * scale + bias
+        return out.astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm(groups, C): statistics over the group's channels and ALL time steps (padding too)."""
+
+    groups: int = 16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, t, c = x.shape
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        xg = x.astype(jnp.float32).reshape(b, t, self.groups, c // self.groups)
+        mu = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mu), axis=(1, 3), keepdims=True)
+        out = ((xg - mu) / jnp.sqrt(var + LN_EPS)).reshape(b, t, c) * scale + bias
+        return out.astype(x.dtype)
+
+
+class Conv1D(nn.Module):
+    """A plain (unmasked) 1-D convolution with bias, torch Conv1d semantics and default init."""
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    use_bias: bool = True
+    bias_init: Init | None = None  # None: PyTorch's default uniform bias init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fan_in = x.shape[-1] * self.kernel_size
+        kernel = self.param("kernel", torch_uniform(fan_in), (self.kernel_size, x.shape[-1], self.features))
+        if self.kernel_size == 1 and self.stride == 1:
+            y = dense(x, kernel[0])
+        else:
+            y = conv1d(x, kernel, self.stride)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init or torch_uniform(fan_in), (self.features,))
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class MaskedConv1D(nn.Module):
+    """The reference's MaskedConv1D: convolve (input NOT masked), then multiply the output by the mask."""
+
+    features: int
+    kernel_size: int
+    use_bias: bool = True
+    bias_init: Init = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array) -> Array:
+        y = Conv1D(
+            self.features, self.kernel_size, use_bias=self.use_bias, bias_init=self.bias_init, name="conv"
+        )(x)
+        return y * mask[..., None].astype(y.dtype)
+
+
+class UpConv(nn.Module):
+    """ConvTranspose1d(D, D, kernel 3, stride 2, padding 1, output_padding 1): length T -> 2T (REFERENCE.md 5.1).
+
+    With the torch weight U [in, out, 3] stored as kernel[k] = U[:, :, k]:
+        y[2j]   = b + x[j] @ kernel[1]
+        y[2j+1] = b + x[j] @ kernel[2] + x[j+1] @ kernel[0]   (x[T] = 0)
+    Written as two matmuls instead of a dilated convolution: half the multiply-adds, and exact.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, t, c = x.shape
+        # PyTorch takes a transposed conv's fan_in from weight dim 1 (out channels) times the kernel.
+        init = torch_uniform(self.features * 3)
+        kernel = self.param("kernel", init, (3, c, self.features))
+        bias = self.param("bias", init, (self.features,))
+        x_next = jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+        even = dense(x, kernel[1]) + bias
+        odd = dense(x, kernel[2]) + dense(x_next, kernel[0]) + bias
+        return jnp.stack([even, odd], axis=2).reshape(b, 2 * t, self.features)
+
+
+def max_pool_k3s2(x: Array) -> Array:
+    """MaxPool1d(kernel 3, stride 2, padding 1) whose padding never wins: y[t] = max(x[2t-1], x[2t], x[2t+1])."""
+    even, odd = x[:, 0::2], x[:, 1::2]
+    prev_odd = jnp.concatenate([jnp.full_like(odd[:, :1], -jnp.inf), odd[:, :-1]], axis=1)
+    return jnp.maximum(jnp.maximum(prev_odd, even), odd)
+
+
+def downsample_mask(mask: Array) -> Array:
+    """Nearest-neighbour mask downsampling by 2: m_d[t] = m[2t]."""
+    return mask[:, ::2]
