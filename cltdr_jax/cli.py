@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    # orbax and absl log every checkpoint step at INFO; keep the user's terminal for our own progress.
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from cltdr_jax import commands
 
     try:
