@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotations", default=None, help="use this real annotation file instead of the profile")
     p.add_argument("--difficulty", type=float, default=1.0, help="scales noise and distractors (1 = default)")
+    p.add_argument("--max-duration", type=float, default=None,
+                   help="redraw sampled videos longer than this many seconds (small, fast datasets)")
 
     p = sub.add_parser("demo", help="synthesise a small dataset, train, evaluate and plot, on CPU")
     p.add_argument("--workdir", default="demo_run")

@@ -204,8 +204,14 @@ class _Sampler:
         return start
 
 
-def sample_annotations(like: str | dict, num_videos: int | None = None, seed: int = 0) -> dict[str, dict]:
-    """Samples a database {video_id: {subset, duration, fps, annotations}} from a profile."""
+def sample_annotations(
+    like: str | dict, num_videos: int | None = None, seed: int = 0, max_duration: float | None = None
+) -> dict[str, dict]:
+    """Samples a database {video_id: {subset, duration, fps, annotations}} from a profile.
+
+    max_duration: videos longer than this are redrawn (rejection sampling keeps the other statistics
+    conditional on the length), so that small demos fit in one padded length.
+    """
     profile = load_profile(like) if isinstance(like, str) else like
     sizes = split_sizes({s: f["num_videos"] for s, f in profile["splits"].items()}, num_videos)
     database = {}
@@ -214,7 +220,10 @@ def sample_annotations(like: str | dict, num_videos: int | None = None, seed: in
         rng = np.random.default_rng([seed, 1, j])
         subset = profile["splits"][split]["subset"]
         for i in range(count):
-            database[_video_id(profile["name"], split, i)] = {"subset": subset, **sampler.video(rng)}
+            video = sampler.video(rng)
+            while max_duration is not None and video["duration"] > max_duration:
+                video = sampler.video(rng)
+            database[_video_id(profile["name"], split, i)] = {"subset": subset, **video}
     return database
 
 
@@ -405,6 +414,7 @@ def synthesize(
     difficulty: float = 1.0,
     features: bool = True,
     progress: Callable[[int, int, str, int], None] | None = None,
+    max_duration: float | None = None,
 ) -> Path:
     """Writes a synthetic dataset like the benchmark `like` into `out_dir`; returns the config path.
 
@@ -425,7 +435,7 @@ def synthesize(
     if annotations is not None:
         database = real_annotations(annotations, num_videos, seed)
     else:
-        database = sample_annotations(profile, num_videos, seed)
+        database = sample_annotations(profile, num_videos, seed, max_duration)
     classes = profile["classes"]
     # Signatures are indexed by the original label_id (before any renumbering below).
     labels = {vid: [a["label_id"] for a in rec["annotations"]] for vid, rec in database.items()}
@@ -494,6 +504,7 @@ def cmd_synth(args) -> int:
     config_path = synthesize(
         args.like, args.out, feature_dim=args.feature_dim, num_videos=args.videos, seed=args.seed,
         annotations=args.annotations, difficulty=args.difficulty, progress=report,
+        max_duration=getattr(args, "max_duration", None),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     out = config_path.parent

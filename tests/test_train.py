@@ -1,0 +1,209 @@
+"""Training: schedule and optimizer against hand-computed values, the input pipeline's determinism, and the
+train loop end to end (sharding, kill-and-resume, NaN stop) on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import TINY_OVERRIDES
+
+from cltdr_jax.checkpoint import load_params
+from cltdr_jax.config import config_from_dict, load_config
+from cltdr_jax.data.datasets import VideoDataset
+from cltdr_jax.input_pipeline import TrainBatches
+from cltdr_jax.optim import clip_by_global_norm_like_torch, decay_mask, make_optimizer, warmup_cosine
+
+
+def schedule_cfg(**opt):
+    return config_from_dict({"model": {"sgp_mlp_dim": 8}, "opt": opt})
+
+
+def test_schedule_reference_quirks():
+    cfg = schedule_cfg(learning_rate=1.0, eta_min=0.1, warmup_epochs=2, epochs=2)
+    lr = warmup_cosine(cfg, steps_per_epoch=3)  # W = 6 warm-up steps, S = 12
+    assert float(lr(0)) == 0.0  # the first step uses lr 0
+    assert math.isclose(float(lr(1)), 1 / 5, rel_tol=1e-6)
+    assert math.isclose(float(lr(5)), 1.0, rel_tol=1e-6)  # eta one step before the warm-up ends
+    assert math.isclose(float(lr(6)), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(lr(9)), 0.1 + 0.45 * (1 + math.cos(math.pi * 3 / 6)), rel_tol=1e-6)
+    assert math.isclose(float(lr(12)), 0.1, rel_tol=1e-6)
+
+
+def test_decay_groups():
+    params = {"a": {"kernel": 1, "bias": 1, "scale": 1}, "gmg": {"w1": 1, "b1": 1, "gamma1": 1, "fc_kernel": 1,
+                                                                 "convw_bias": 1}, "reg": {"scale_0": 1}}
+    mask = decay_mask(params)
+    assert mask == {"a": {"kernel": True, "bias": False, "scale": False},
+                    "gmg": {"w1": True, "b1": False, "gamma1": False, "fc_kernel": True, "convw_bias": False},
+                    "reg": {"scale_0": False}}
+
+
+def test_clip_matches_torch_formula():
+    grads = {"x": jnp.array([3.0, 4.0])}  # norm 5
+    clipped, _ = clip_by_global_norm_like_torch(1.0).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(clipped["x"], np.array([3.0, 4.0]) / (5 + 1e-6), rtol=1e-6)
+    unclipped, _ = clip_by_global_norm_like_torch(10.0).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(unclipped["x"], [3.0, 4.0])
+
+
+def test_adamw_matches_torch_semantics():
+    """Two steps of our optimizer against a float64 re-derivation of torch.optim.AdamW."""
+    cfg = schedule_cfg(learning_rate=0.1, weight_decay=0.5, warmup=False, epochs=1000, eta_min=0.1)
+    tx, _ = make_optimizer(cfg, steps_per_epoch=1)
+    params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
+    grads = [{"kernel": jnp.array([0.3, -0.1]), "bias": jnp.array([0.2])},
+             {"kernel": jnp.array([-0.2, 0.4]), "bias": jnp.array([0.1])}]
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+
+    def torch_adamw(p, gs, wd):
+        p, m, v = np.array(p, float), 0.0, 0.0
+        for t, g in enumerate(gs, 1):
+            g = np.array(g, float)
+            p = p - 0.1 * wd * p
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            p = p - 0.1 / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
+        return p
+
+    np.testing.assert_allclose(params["kernel"], torch_adamw([1.0, -2.0], [g["kernel"] for g in grads], 0.5),
+                               rtol=1e-5)
+    np.testing.assert_allclose(params["bias"], torch_adamw([0.5], [g["bias"] for g in grads], 0.0), rtol=1e-5)
+
+
+def tiny_cfg(config_path: Path, *extra: str):
+    return load_config(config_path, [*TINY_OVERRIDES, *extra])
+
+
+def test_batches_are_a_function_of_the_step(tiny_dataset):
+    cfg = tiny_cfg(tiny_dataset)
+    dataset = VideoDataset(cfg, cfg.train_split, training=True)
+    batches = TrainBatches(cfg, dataset, seed=5)
+    a, b = batches(3), TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)(3)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["feats"].shape == (4, 320, 16) and a["mask"].dtype == bool
+    assert not np.array_equal(batches(0)["feats"], batches(batches.steps_per_epoch)["feats"])  # new epoch
+    # Two hosts each get half of the same global batch.
+    halves = [TrainBatches(cfg, dataset, seed=5, process_index=i, process_count=2)(3) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["feats"] for h in halves]), a["feats"])
+    # The grain iterator resumes from its saved state.
+    it = batches.iterator(6)
+    next(it), next(it)
+    state = it.get_state()
+    expected = next(it)
+    resumed = next(batches.iterator(6, state=state))
+    np.testing.assert_array_equal(expected["feats"], resumed["feats"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The train loop, run as users run it: `cltdr train` in a subprocess.
+
+
+def run_train(config: Path, workdir: Path, *overrides: str, devices: int = 1, wait: bool = True, cache=None):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    if cache:
+        env["CLTDR_XLA_CACHE"] = str(cache)
+    args = [sys.executable, "-m", "cltdr_jax.cli", "train", str(config), "--workdir", str(workdir)]
+    for item in [*TINY_OVERRIDES, "model.extend_point_buffer=true", *overrides]:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    return out
+
+
+def final_params(config: Path, workdir: Path):
+    params, meta = load_params(workdir / "checkpoints", tiny_cfg(config, "model.extend_point_buffer=true"))
+    return jax.tree_util.tree_leaves(params), meta
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tiny_dataset, tmp_path_factory):
+    """An uninterrupted 6-step run on one device, checkpoint every 2 steps."""
+    root = tmp_path_factory.mktemp("train")
+    out = run_train(tiny_dataset, root / "baseline", "trainer.checkpoint_every_steps=2", cache=root / "cache")
+    return root, out
+
+
+@pytest.mark.slow
+def test_train_run_writes_logs_checkpoints_metrics_and_curves(baseline_run):
+    root, out = baseline_run
+    work = root / "baseline"
+    lines = (work / "log.jsonl").read_text().splitlines()
+    steps = [__import__("json").loads(line) for line in lines]
+    assert [s["step"] for s in steps if "final_loss" in s] == [1, 2, 3, 4, 5, 6]
+    assert {"cls_loss", "reg_loss", "lr", "grad_norm", "step_time"} <= set(steps[0])
+    assert steps[0]["lr"] == 0.0 and steps[1]["lr"] > 0
+    assert "average_mAP" in steps[-1]
+    assert (work / "metrics.json").is_file() and (work / "training_curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
+    assert "step 6/6" in out and "it/s" in out and "ETA" in out
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(baseline_run, tiny_dataset):
+    root, _ = baseline_run
+    work = root / "killed"
+    proc = run_train(tiny_dataset, work, "trainer.checkpoint_every_steps=2", wait=False, cache=root / "cache")
+    deadline = time.time() + 600
+    while not (work / "checkpoints" / "2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (work / "checkpoints" / "2").is_dir()
+    out = run_train(tiny_dataset, work, "trainer.checkpoint_every_steps=2", cache=root / "cache")
+    assert "resuming from the checkpoint at step" in out
+    resumed, meta = final_params(tiny_dataset, work)
+    expected, _ = final_params(tiny_dataset, root / "baseline")
+    assert meta["step"] == 6
+    for a, b in zip(resumed, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow
+def test_four_devices_train_like_one(baseline_run, tiny_dataset):
+    """Data parallel over 4 forced CPU devices: same parameters as 1 device, up to float summation order."""
+    root, _ = baseline_run
+    run_train(tiny_dataset, root / "four", "trainer.checkpoint_every_steps=2", devices=4, cache=root / "cache")
+    four, _ = final_params(tiny_dataset, root / "four")  # also: a 4-device checkpoint restores on 1 device
+    one, _ = final_params(tiny_dataset, root / "baseline")
+    for a, b in zip(four, one, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import cltdr_jax.train as train
+
+    real_batch = TrainBatches.__call__
+
+    def poisoned(self, step):  # corrupt inputs from the 4th step (index 3) on
+        batch = real_batch(self, step)
+        if step >= 3:
+            batch["feats"][:] = np.nan
+        return batch
+
+    monkeypatch.setattr(TrainBatches, "__call__", poisoned)
+    monkeypatch.setenv("CLTDR_XLA_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg(tiny_dataset, "trainer.checkpoint_every_steps=2", "model.extend_point_buffer=true")
+    with pytest.raises(train.TrainingError, match="non-finite loss at step 4.*last good checkpoint is step 2"):
+        train.train_and_evaluate(cfg, tmp_path / "run")
+    restored, meta = load_params(tmp_path / "run" / "checkpoints", cfg)
+    assert meta["step"] == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
