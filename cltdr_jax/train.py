@@ -246,12 +246,12 @@ def _truncate_log(path: Path, last_step: int) -> None:
 # The loop
 
 
-def evaluate_ema(cfg: Config, params: Any) -> dict[str, Any]:
+def evaluate_ema(cfg: Config, params: Any):
+    """(metrics, prediction) of the EMA weights on the config's evaluation split."""
     from cltdr_jax.predict import evaluate_prediction, predict_split
 
-    host_params = jax.device_get(params)
-    prediction = predict_split(cfg, host_params)
-    return evaluate_prediction(cfg, prediction)
+    prediction = predict_split(cfg, jax.device_get(params))
+    return evaluate_prediction(cfg, prediction), prediction
 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
@@ -357,10 +357,16 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                 history.append(result)
     final = _evaluate_and_log(cfg, state, total_steps, batches.steps_per_epoch, None) if primary else None
     mngr.close()
-    summary = {"workdir": str(workdir), "steps": total_steps, "final_metrics": final, "evaluations": history}
+    detections = final.pop("detections") if final else None
+    for result in history:
+        if result:
+            result.pop("detections")
+    summary = {"workdir": str(workdir), "steps": total_steps, "final_metrics": final, "evaluations": history,
+               "final_detections": detections}
     if primary:
         if final is not None:
             (workdir / "metrics.json").write_text(json.dumps(final, indent=1))
+            (workdir / "detections.json").write_text(json.dumps(detections))
             with open(log_path, "a") as f:
                 f.write(
                     json.dumps(
@@ -382,10 +388,11 @@ def _evaluate_and_log(
     from cltdr_jax.evaluation import format_table
 
     try:
-        metrics = evaluate_ema(cfg, state.ema_params)
+        metrics, prediction = evaluate_ema(cfg, state.ema_params)
     except CltdrError as e:  # no evaluation data: training results are still saved
         log.warning("evaluation skipped: %s", e)
         return None
+    metrics = {**metrics, "detections": prediction.results_json}
     log.info(
         "step %d (epoch %.1f), EMA model on %s:\n%s",
         step,
