@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Training-step benchmark at the THUMOS I3D config (batch 2 x 2304 x 2048, 21.9 M parameters).
+
+    python scripts/benchmark_train.py [--steps 5] [--config configs/thumos_i3d_focalloss.yaml]
+
+Prints one JSON object: per compute dtype (float32, bfloat16) the compile time, median step time, steps/s,
+peak resident memory of a process that does only that, XLA's FLOP count of one step and the achieved
+FLOP/s as a fraction of a dense matmul measured in the same run. Each dtype runs in its own process so that
+peak memory is its own. Not a test: timings on shared machines are noisy; compare ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def matmul_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def run_variant(config: str, dtype: str, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from cltdr_jax.config import load_config
+    from cltdr_jax.convert import count_params
+    from cltdr_jax.model.detector import CLTDRGMG
+    from cltdr_jax.optim import make_optimizer
+    from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step
+
+    cfg = load_config(config, [f"trainer.compute_dtype={dtype}"])
+    b, t, d = cfg.loader.batch_size, cfg.dataset.max_seq_len, cfg.dataset.input_dim
+    model = CLTDRGMG(cfg.model, cfg.train_cfg)
+    tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
+    step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
+    state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
+    rng = np.random.default_rng(0)
+    starts = rng.uniform(0, t - 200, (b, 16))
+    batch = {
+        "feats": rng.standard_normal((b, t, d)).astype(np.float32),
+        "mask": np.ones((b, t), bool),
+        "segments": np.stack([starts, starts + rng.uniform(5, 150, (b, 16))], -1).astype(np.float32),
+        "labels": rng.integers(0, cfg.dataset.num_classes, (b, 16)).astype(np.int32),
+        "segment_mask": np.ones((b, 16), bool),
+    }
+    batch = jax.device_put(batch, data)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = flops_of(compiled)
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    roof = matmul_gflops("float32" if dtype == "float32" else "bfloat16")
+    return {
+        "compute_dtype": dtype,
+        "params": count_params(state.params),
+        "batch": [b, t, d],
+        "compile_s": round(compile_s, 2),
+        "step_s_median": round(step_s, 3),
+        "step_s_all": [round(x, 3) for x in times],
+        "steps_per_s": round(1 / step_s, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "xla_gflop_per_step": round(flops / 1e9, 1),
+        "achieved_gflops": round(flops / step_s / 1e9, 1),
+        f"matmul_roof_{dtype}_gflops": round(roof, 1),
+        "fraction_of_matmul_roof": round(flops / step_s / 1e9 / roof, 3),
+        "final_loss_finite": bool(np.isfinite(float(metrics["final_loss"]))),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "thumos_i3d_focalloss.yaml"))
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.config, args.variant, args.steps)))
+        return
+    results = []
+    for dtype in args.dtypes.split(","):
+        cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", dtype]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    report = {
+        "benchmark": "train step, THUMOS I3D config",
+        "reference_pytorch_2core_cpu": {"step_s": 4.28, "peak_rss_gb": 3.5, "source": "shared/PERFORMANCE.md"},
+        "results": results,
+    }
+    if len(results) == 2:
+        report["bfloat16_speedup"] = round(results[0]["step_s_median"] / results[1]["step_s_median"], 2)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
