@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cltdr_jax.config import Config
-from cltdr_jax.decoding import check_point_buffer, refine_offsets, trident_distributions, trident_offsets
+from cltdr_jax.decoding import check_point_buffer
 from cltdr_jax.errors import DataError
 from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.postprocess import Detections, to_seconds, video_detections
@@ -39,24 +39,102 @@ def pad_features(feats: np.ndarray, padded_len: int) -> tuple[np.ndarray, np.nda
     return x, mask
 
 
+def decode_packed(
+    outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scores, left, right), each [B, sum_l T_l, C]: every level decoded at once, levels concatenated in time.
+
+    scores = sigmoid(Z) * mask; left / right are segment ends in grid units. The same arithmetic as
+    `decoding.trident_distributions`, `trident_offsets` and `refine_offsets` applied level by level (the
+    sums over the nb + 1 bins may round in another order), written so that XLA fuses it into one loop over
+    [B, T, C] arrays: the bins are nb + 1 separate arrays, not a minor axis of 17, and a window that would
+    leave its level reads a zero logit, as in the per-level version. One fusion instead of one per level
+    and bin also compiles seconds faster.
+    """
+    nb = num_bins
+    lengths = [s.shape[1] for s in outputs["start_logits"]]
+    total = sum(lengths)
+    # Per time row: the level's stride, the index within the level, the steps left in the level.
+    stride = np.concatenate([np.full(t, s, np.float32) for t, s in zip(lengths, strides)])
+    local = np.concatenate([np.arange(t) for t in lengths])
+    left_in_level = np.concatenate([np.arange(t, 0, -1) for t in lengths])
+    packed = {
+        k: jnp.concatenate(outputs[k], axis=1)
+        for k in ("start_logits", "end_logits", "reg_offsets", "refine_start", "refine_end", "cls_logits")
+    }
+    mask = jnp.concatenate(outputs["masks"], axis=1)[..., None]
+
+    local_rows = jnp.asarray(local)[None, :, None]
+    left_rows = jnp.asarray(left_in_level)[None, :, None]
+    start_pad = jnp.pad(packed["start_logits"], ((0, 0), (nb, 0), (0, 0)))
+    end_pad = jnp.pad(packed["end_logits"], ((0, 0), (0, nb), (0, 0)))
+    centre = packed["reg_offsets"]
+    b, _, c = packed["start_logits"].shape
+
+    def logits_of_bin(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Bin k's logits [B, T, C] of both sides: boundary logit of the window cell plus the centre logit.
+
+        Start bin k looks at t - nb + k, end bin k at t + k; a cell outside the level has a zero logit."""
+        start = jax.lax.dynamic_slice(start_pad, (0, k, 0), (b, total, c))
+        start = jnp.where(local_rows >= nb - k, start, 0.0)
+        end = jax.lax.dynamic_slice(end_pad, (0, k, 0), (b, total, c))
+        end = jnp.where(left_rows > k, end, 0.0)
+        centre_start = jax.lax.dynamic_slice(centre, (0, 0, k), (b, total, 1))
+        centre_end = jax.lax.dynamic_slice(centre, (0, 0, nb + 1 + k), (b, total, 1))
+        return start + centre_start, end + centre_end
+
+    # Three short loops over the bins (a softmax's max, its normaliser, then the expectation): each bin is
+    # recomputed from the logits, so nothing of size [B, T, C, nb + 1] is ever stored, and the loop body
+    # compiles once.
+    def max_step(k, tops):
+        return tuple(jnp.maximum(t, x) for t, x in zip(tops, logits_of_bin(k)))
+
+    first = logits_of_bin(jnp.int32(0))
+    tops = jax.lax.fori_loop(1, nb + 1, max_step, first)
+
+    def norm_step(k, norms):
+        return tuple(n + jnp.exp(x - t) for n, x, t in zip(norms, logits_of_bin(k), tops))
+
+    norms = jax.lax.fori_loop(
+        1, nb + 1, norm_step, tuple(jnp.exp(x - t) for x, t in zip(first, tops))
+    )
+
+    def expectation_step(k, sums):
+        p_start, p_end = (jnp.exp(x - t) / n for x, t, n in zip(logits_of_bin(k), tops, norms))
+        # The reference's NaN guard uses the end distribution's mask for both sides (12.13).
+        nan = jnp.isnan(p_end)
+        k_float = k.astype(jnp.float32)
+        return (
+            sums[0] + jnp.where(nan, 0.0, p_start) * (nb - k_float),
+            sums[1] + jnp.where(nan, 0.0, p_end) * k_float,
+        )
+
+    zero = jnp.zeros((b, total, c), jnp.float32)
+    d_start, d_end = jax.lax.fori_loop(0, nb + 1, expectation_step, (zero, zero))
+
+    s = jnp.asarray(stride)[None, :, None]
+    tau = jnp.asarray(local.astype(np.float32) * stride)[None, :, None]
+    # refine_offsets, in the reference's operation order.
+    left = tau - d_start * s + packed["refine_start"]
+    right = tau + d_end * s + packed["refine_end"]
+    delta_start = jnp.maximum(0.0, (tau - left) / s)
+    delta_end = jnp.maximum(0.0, (right - tau) / s)
+    scores = jax.nn.sigmoid(packed["cls_logits"]) * mask
+    return scores, tau - delta_start * s, tau + delta_end * s
+
+
+def split_levels(packed: tuple, lengths: list[int]) -> list[tuple]:
+    """Packed (scores, left, right) [B, sum T_l, C] -> per level (scores, left, right) [B, T_l, C]."""
+    bounds = np.cumsum([0, *lengths])
+    return [tuple(a[:, lo:hi] for a in packed) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def decode_levels(
     outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int
 ) -> list[tuple]:
     """Per level (scores, left, right), each [B, T_l, C]: sigmoid(Z) * mask and segment ends in grid units."""
-    decoded = []
-    for l, s in enumerate(strides):
-        p_start, p_end = trident_distributions(
-            outputs["start_logits"][l], outputs["end_logits"][l], outputs["reg_offsets"][l], num_bins
-        )
-        d_start, d_end = trident_offsets(p_start, p_end)
-        delta_start, delta_end = refine_offsets(
-            d_start, d_end, outputs["refine_start"][l], outputs["refine_end"][l], s
-        )
-        mask = outputs["masks"][l][..., None]
-        scores = jax.nn.sigmoid(outputs["cls_logits"][l]) * mask
-        tau = (jnp.arange(scores.shape[1], dtype=jnp.float32) * s)[None, :, None]
-        decoded.append((scores, tau - delta_start * s, tau + delta_end * s))
-    return decoded
+    lengths = [s.shape[1] for s in outputs["start_logits"]]
+    return split_levels(decode_packed(outputs, strides, num_bins), lengths)
 
 
 class Predictor:
@@ -69,7 +147,8 @@ class Predictor:
 
         def forward(params, feats, mask):
             outputs = model.apply({"params": params}, feats, mask)
-            return decode_levels(outputs, cfg.strides, cfg.model.num_bins)
+            # Packed over levels: three transfers instead of three per level; split on the host (views).
+            return decode_packed(outputs, cfg.strides, cfg.model.num_bins)
 
         self._forward = jax.jit(forward)
         self.padded_lengths: set[int] = set()
@@ -92,8 +171,9 @@ class Predictor:
         )
         self.padded_lengths.add(padded)
         x, mask = pad_features(feats, padded)
-        levels = jax.device_get(self._forward(self.params, x, mask))
-        out = [(s[0], l[0], r[0]) for s, l, r in levels]
+        packed = jax.device_get(self._forward(self.params, x, mask))
+        lengths = [padded // s for s in cfg.strides]
+        out = [(s[0], l[0], r[0]) for s, l, r in split_levels(packed, lengths)]
         if not all(np.isfinite(s).all() for s, _, _ in out):
             raise DataError(f"video {video_id!r}: the network produced NaN/Inf scores")
         return out

@@ -90,6 +90,11 @@ class TrainBatches:
         dataset = grain.MapDataset.range(total_steps).map(self)
         iter_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
         if workers > 0:
+            from absl import flags
+
+            # grain's worker processes read absl flags; outside an absl app nobody parsed them.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
             iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         it = iter(iter_ds)
         if state is not None:

@@ -6,8 +6,9 @@ below `min_score` by moving the LAST remaining entry into its position. Position
 breaking, but we keep them exactly so that outputs match including ties.
 
 Here every class is one row of a padded 2-D array and all rows advance together, so each step of the
-loop is a handful of numpy operations over all classes at once; only the (rare) removals touch rows one
-at a time, and each entry is removed at most once.
+loop is a handful of numpy operations over all classes at once. The entries are stored physically in
+position order (no index gathers: the later entries are contiguous slices), finished classes leave the
+working set, and a removal is a few vectorised moves within its row.
 """
 
 from __future__ import annotations
@@ -15,28 +16,27 @@ from __future__ import annotations
 import numpy as np
 
 AREA_EPS = np.float32(1e-6)
+# The planes of soft_nms_rows' working array [5, R, M]: one field of every entry, by position.
+_X1, _X2, _AREA, _SCORE, _INDEX = range(5)
 
 
-def _compact_row(order: np.ndarray, keep: np.ndarray, start: int, end: int) -> int:
-    """The reference's removal rule on one row, in place. Positions start..end-1 were decayed;
-    `keep[p]` says whether entry at p survives. Returns the new number of entries."""
-    p, last = start, end - 1
-    while p <= last:
-        if keep[p]:
-            p += 1
-            continue
-        # Move the last entry into the hole; a moved entry that is itself dropped frees the next one.
-        while last > p and not keep[last]:
-            last -= 1
-        if last == p:
-            last -= 1
-            break
-        # Swap (not copy) so that positions >= the new count still hold exactly the dropped entries.
-        order[p], order[last] = order[last], order[p]
-        keep[p] = True
-        last -= 1
-        p += 1
-    return last + 1
+def _drop_entries(fields: np.ndarray, row: int, start: int, end: int, dropped: np.ndarray) -> int:
+    """The reference's removal rule on one row of `fields` [5, R, M], in place. Returns the new count.
+
+    Positions start..end-1 were decayed; `dropped` [end - start] marks those that fell below min_score.
+    The reference scans the holes in ascending order and moves the last surviving entry into each, so the
+    holes below the new count take the survivors at or above it, in descending position order; the
+    dropped entries are swapped (not copied) to the tail.
+    """
+    new_end = end - int(np.count_nonzero(dropped))
+    cut = new_end - start
+    holes = start + np.flatnonzero(dropped[:cut])
+    if len(holes):
+        movers = (new_end + np.flatnonzero(~dropped[cut:]))[::-1]
+        moved = fields[:, row, movers]
+        fields[:, row, movers] = fields[:, row, holes]
+        fields[:, row, holes] = moved
+    return new_end
 
 
 def soft_nms_rows(
@@ -52,48 +52,75 @@ def soft_nms_rows(
       score at emission, emitted [R] int: how many entries each row emitted).
     """
     r_count, m = scores.shape
-    rows = np.arange(r_count)
-    order = np.tile(np.arange(m), (r_count, 1))
-    x1 = segments[..., 0].astype(np.float32)
-    x2 = segments[..., 1].astype(np.float32)
-    s = scores.astype(np.float32).copy()
-    n = counts.astype(np.int64).copy()
-    s[np.arange(m)[None, :] >= n[:, None]] = -np.inf
+    if m >= 2**24:
+        raise ValueError(f"soft_nms_rows: {m} entries in one set; at most 2**24 - 1 are supported")
+    # Positions < i never change again, so at the end the index and score planes ARE the outputs. The
+    # entry index rides along as float32 (exact below 2**24).
+    fields = np.empty((5, r_count, m), np.float32)
+    fields[_X1] = segments[..., 0]
+    fields[_X2] = segments[..., 1]
+    # The reference's `x2 - x1 + 1e-6` of the later entry, once per entry: the same float32 value.
+    fields[_AREA] = fields[_X2] - fields[_X1] + AREA_EPS
+    fields[_SCORE] = scores
+    fields[_INDEX] = np.arange(m, dtype=np.float32)
+    n = np.minimum(counts.astype(np.int64), m)
+    fields[_SCORE][np.arange(m)[None, :] >= n[:, None]] = -np.inf
+    # -(ovr^2) * (1 / sigma) == ovr^2 * -(1 / sigma) bit for bit (IEEE products are sign-symmetric).
+    neg_inv_sigma = -np.float32(1.0 / sigma)
+    min_score = np.float32(min_score)
+
+    order = np.zeros((r_count, m), np.int64)
     out_scores = np.zeros((r_count, m), np.float32)
-    inv_sigma = np.float32(1.0 / sigma)
+    live = np.arange(r_count)  # the original row of each row of `work`
+    work, n_live = fields, n.copy()
+    rows = np.arange(r_count)
+    first_end = end = 0  # the smallest and largest count among the live rows (plain ints: cheap tests)
     for i in range(m):
-        active = n > i
-        if not active.any():
-            break
-        ra = rows[active]
-        # Highest current score among positions i..n-1 (np.argmax keeps the first of ties).
-        cur = order[ra, i:]
-        best = i + np.argmax(s[ra[:, None], cur], axis=1)
-        chosen = order[ra, best]
-        order[ra, best] = order[ra, i]
-        order[ra, i] = chosen
-        out_scores[ra, i] = s[ra, chosen]
-        if i + 1 >= m:
-            break
-        # Decay every later entry of the active rows.
-        later = order[ra, i + 1 :]
-        lx1, lx2 = x1[ra[:, None], later], x2[ra[:, None], later]
-        cx1, cx2 = x1[ra, chosen][:, None], x2[ra, chosen][:, None]
-        inter = np.maximum(np.minimum(cx2, lx2) - np.maximum(cx1, lx1), np.float32(0))
-        area_i = cx2 - cx1 + AREA_EPS
-        area_p = lx2 - lx1 + AREA_EPS
-        ovr = inter / (area_i + area_p - inter)
-        decayed = s[ra[:, None], later] * np.exp(-(ovr * ovr) * inv_sigma)
-        valid = (np.arange(i + 1, m)[None, :]) < n[ra][:, None]
-        s[ra[:, None], later] = np.where(valid, decayed, -np.inf)
-        drop = valid & (decayed < min_score)
-        for k in np.nonzero(drop.any(axis=1))[0]:
-            r = ra[k]
-            keep = np.ones(m, bool)
-            keep[i + 1 : n[r]] = ~drop[k, : n[r] - i - 1]
-            new_n = _compact_row(order[r], keep, i + 1, n[r])
-            s[r, order[r, new_n:]] = -np.inf
-            n[r] = new_n
+        if i >= first_end:
+            # Rows whose count is reached are finished: their planes are final, they leave the working set.
+            running = n_live > i
+            if not running.all():
+                order[live[~running]] = work[_INDEX, ~running]
+                out_scores[live[~running]] = work[_SCORE, ~running]
+                live, work, n_live = live[running], work[:, running], n_live[running]
+                rows = rows[: len(live)]
+                if len(live) == 0:
+                    break
+            first_end, end = int(n_live.min()), int(n_live.max())
+            tail = end - n_live  # positions past each row's count inside the decayed slice: all -inf
+        # Highest current score among positions i..n-1 (np.argmax keeps the first of ties); swap it to i.
+        best = np.argmax(work[_SCORE, :, i:end], axis=1)
+        best += i
+        chosen = work[:, rows, best]
+        work[:, rows, best] = work[:, :, i]
+        work[:, :, i] = chosen
+        if i + 1 >= end:
+            continue
+        # Decay every later entry: the reference's float32 operations in the reference's order.
+        later = slice(i + 1, end)
+        inter = np.minimum(chosen[_X2, :, None], work[_X2, :, later])
+        inter -= np.maximum(chosen[_X1, :, None], work[_X1, :, later])
+        np.maximum(inter, np.float32(0), out=inter)
+        union = np.add(chosen[_AREA, :, None], work[_AREA, :, later])
+        union -= inter
+        decay = np.divide(inter, union, out=inter)
+        np.multiply(decay, decay, out=decay)
+        decay *= neg_inv_sigma
+        np.exp(decay, out=decay)
+        later_scores = work[_SCORE, :, later]
+        later_scores *= decay  # -inf (removed entries, padding) stays -inf
+        low = later_scores < min_score
+        # Besides the -inf tail, low entries are new removals.
+        for k in np.flatnonzero(np.count_nonzero(low, axis=1) != tail):
+            count = n_live[k] - i - 1
+            dropped = low[k, :count]
+            later_scores[k, :count][dropped] = -np.inf
+            n_live[k] = _drop_entries(work, k, i + 1, n_live[k], dropped)
+            n[live[k]] = n_live[k]
+            first_end = 0  # recompute the bounds
+    if len(live):
+        order[live] = work[_INDEX]
+        out_scores[live] = work[_SCORE]
     return order, out_scores, n
 
 

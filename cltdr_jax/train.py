@@ -12,6 +12,7 @@ checkpoint stays good.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -329,7 +330,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     progress = Progress(total_steps, batches.steps_per_epoch, start_step, cfg.trainer.log_every_steps)
     eval_every = cfg.trainer.eval_every_epochs * batches.steps_per_epoch
     history = []
-    with open(log_path, "a") if primary else open(os.devnull, "w") as log_file:
+    with open(log_path, "a") if primary else open(os.devnull, "w") as log_file, _closing(iterator):
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             state, metrics = step_fn(state, global_batch(next(iterator), data_sharding))
@@ -380,6 +381,16 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                 )
         _plot_curves(log_path, workdir / "training_curves.png")
     return summary
+
+
+@contextlib.contextmanager
+def _closing(iterator):
+    """Stops grain's worker processes however the loop ends."""
+    try:
+        yield iterator
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
 
 
 def _evaluate_and_log(

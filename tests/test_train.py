@@ -109,6 +109,19 @@ def test_batches_are_a_function_of_the_step(tiny_dataset):
     np.testing.assert_array_equal(expected["feats"], resumed["feats"])
 
 
+def test_worker_processes_give_the_same_batches(tiny_dataset):
+    cfg = tiny_cfg(tiny_dataset)
+    batches = TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)
+    single, workers = batches.iterator(4), batches.iterator(4, workers=2)
+    try:
+        for _ in range(4):
+            a, b = next(single), next(workers)
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    finally:
+        workers.close()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The train loop, run as users run it: `cltdr train` in a subprocess.
 
