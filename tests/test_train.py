@@ -220,3 +220,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     restored, meta = load_params(tmp_path / "run" / "checkpoints", cfg)
     assert meta["step"] == 2
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_keeps_float32_state_and_close_losses(tiny_dataset):
+    from cltdr_jax.model.detector import CLTDRGMG
+    from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step
+
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_cfg(tiny_dataset, f"trainer.compute_dtype={dtype}", "model.input_noise=0")
+        batches = TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)
+        model = CLTDRGMG(cfg.model, cfg.train_cfg)
+        tx, schedule = make_optimizer(cfg, batches.steps_per_epoch)
+        step, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
+        state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
+        for i in range(2):
+            state, metrics = step(state, jax.device_put(batches(i), data))
+        results[dtype] = (state, jax.device_get(metrics))
+    (state32, m32), (state16, m16) = results["float32"], results["bfloat16"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state16.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state16.opt_state) if hasattr(x, "dtype")
+               and jnp.issubdtype(x.dtype, jnp.floating))
+    assert np.isfinite(m16["final_loss"])
+    np.testing.assert_allclose(m16["final_loss"], m32["final_loss"], rtol=0.05)
