@@ -1,0 +1,147 @@
+"""Primitive layers against explicit float64 numpy formulas, and the ablation switches of the model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cltdr_jax.config import config_from_dict
+from cltdr_jax.model.detector import CLTDRGMG
+from cltdr_jax.model.gmg import GMGBlock, softshrink
+from cltdr_jax.model.layers import ChannelLayerNorm, GroupNorm, UpConv, max_pool_k3s2
+
+RNG = np.random.default_rng(0)
+
+
+def test_transposed_conv_matches_the_explicit_formula():
+    """REFERENCE.md 5.1: y[2j] = b + U[:,:,1]^T x[j]; y[2j+1] = b + U[:,:,2]^T x[j] + U[:,:,0]^T x[j+1]."""
+    x = RNG.standard_normal((2, 5, 3)).astype(np.float32)
+    layer = UpConv(4)
+    params = layer.init(jax.random.key(0), x)["params"]
+    y = np.asarray(layer.apply({"params": params}, x), np.float64)
+    u = np.asarray(params["kernel"], np.float64).transpose(1, 2, 0)  # back to torch [in, out, 3]
+    b = np.asarray(params["bias"], np.float64)
+    xp = np.concatenate([x, np.zeros_like(x[:, :1])], axis=1).astype(np.float64)
+    for j in range(5):
+        np.testing.assert_allclose(y[:, 2 * j], b + xp[:, j] @ u[:, :, 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y[:, 2 * j + 1], b + xp[:, j] @ u[:, :, 2] + xp[:, j + 1] @ u[:, :, 0],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_padding_never_wins():
+    x = -np.arange(1, 9, dtype=np.float32).reshape(1, 8, 1)  # all negative: zero padding would win
+    y = np.asarray(max_pool_k3s2(jnp.asarray(x)))[0, :, 0]
+    np.testing.assert_array_equal(y, [-1, -2, -4, -6])  # max(x[2t-1], x[2t], x[2t+1]) over existing indices
+
+
+def test_norms_use_eps_1e5_and_biased_variance():
+    x = RNG.standard_normal((2, 7, 32)).astype(np.float32) * 0.01  # small variance: eps matters
+    ln = ChannelLayerNorm()
+    out = ln.apply(ln.init(jax.random.key(0), x), x)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+    gn = GroupNorm(16)
+    out = gn.apply(gn.init(jax.random.key(0), x), x)
+    g = x64.reshape(2, 7, 16, 2)
+    ref = ((g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-5)).reshape(2, 7, 32)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_softshrink():
+    np.testing.assert_allclose(softshrink(jnp.array([-0.01, -0.0005, 0.0, 0.0005, 0.01])),
+                               [-0.009, 0.0, 0.0, 0.0, 0.009], atol=1e-8)
+
+
+def test_gmg_block_matches_a_float64_rederivation():
+    """REFERENCE.md 4.4 written out in numpy for a stem block (stride 1, kernel 1, no layer scale)."""
+    d, t, h = 16, 12, 8
+    x = RNG.standard_normal((1, t, d)).astype(np.float32)
+    mask = np.arange(t)[None] < 9
+    block = GMGBlock(h, init_conv_std=0.5)
+    params = block.init(jax.random.key(1), x, mask)["params"]
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * RNG.standard_normal(p.shape).astype(np.float32), params)
+    out, out_mask = block.apply({"params": params}, x, mask)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+
+    x64 = x[0].astype(np.float64)
+    o = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    o = o * p["ln"]["scale"] + p["ln"]["bias"]
+    spec = np.fft.rfft(o, axis=0, norm="ortho")
+
+    def affine(v, w, b):
+        return (w[0] + 1j * w[1]) * v + (b[0] + 1j * b[1])
+
+    h1 = affine(spec, p["w1"], p["b1"])
+    h2 = affine(np.maximum(h1.real, 0) + 1j * np.maximum(h1.imag, 0), p["w2"], p["b2"])
+    shrink = np.vectorize(lambda v: v - 1e-3 if v > 1e-3 else (v + 1e-3 if v < -1e-3 else 0.0))
+    glob = np.fft.irfft((shrink(h2.real) + 1j * shrink(h2.imag)) * spec, n=t, axis=0, norm="ortho")
+    local = o * p["convw_kernel"][0] + p["convw_bias"]
+    instant = o * p["fc_kernel"] + p["fc_bias"]
+    u = o + glob + local * glob + instant * local * glob  # no ReLU in the gates (12.1)
+    y = x64 * mask[0, :, None] + u
+    g = y.reshape(t, 16, 1)
+    gn = ((g - g.mean((0, 2), keepdims=True)) / np.sqrt(g.var((0, 2), keepdims=True) + 1e-5)).reshape(t, d)
+    gn = gn * p["gn"]["scale"] + p["gn"]["bias"]
+    from math import erf
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2))))
+    z = y + gelu(gn @ p["mlp0_kernel"] + p["mlp0_bias"]) @ p["mlp2_kernel"] + p["mlp2_bias"]
+    np.testing.assert_allclose(np.asarray(out[0]), z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out_mask, mask)
+
+
+SMALL = {
+    "dataset": {"input_dim": 8, "num_classes": 3, "max_seq_len": 64},
+    "model": {"embd_dim": 16, "fpn_dim": 16, "head_dim": 16, "sgp_mlp_dim": 16, "num_bins": 4, "init_conv_vars": 0.5,
+              "backbone_arch": [2, 1, 2], "regression_range": [[0, 4], [4, 8], [8, 10000]]},
+}
+
+
+def run_variant(**model):
+    data = {**SMALL, "model": {**SMALL["model"], **model}}
+    cfg = config_from_dict(data)
+    m = CLTDRGMG(cfg.model, cfg.train_cfg)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 8)), jnp.float32)
+    mask = jnp.arange(64)[None] < 50
+    variables = m.init(jax.random.key(0), x, mask)
+    return m.apply(variables, x, mask), variables["params"]
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        {"gmg_branches": ["instant", "local"]},
+        {"gmg_branches": ["global"]},
+        {"gmg_gate": False},
+        {"cls_fusion_levels": ["above", "below"], "reg_fusion_levels": []},
+        {"fusion": "add"},
+        {"fusion": "concat"},
+        {"refine_cls": False, "refine_reg": False},
+    ],
+)
+def test_ablation_switches_build_and_change_the_model(switch):
+    reference, _ = run_variant()
+    variant, params = run_variant(**switch)
+    shapes = [[a.shape for a in reference[k]] for k in ("cls_logits", "reg_offsets", "refine_start")]
+    assert shapes == [[a.shape for a in variant[k]] for k in ("cls_logits", "reg_offsets", "refine_start")]
+    assert all(np.isfinite(np.asarray(a)).all() for a in variant["cls_logits"])
+    assert any(not np.allclose(a, b) for a, b in zip(reference["cls_logits"], variant["cls_logits"], strict=True))
+    if switch.get("gmg_branches") == ["instant", "local"]:
+        assert "w1" not in params["backbone"]["stem_0"]
+    if switch.get("refine_cls") is False:
+        np.testing.assert_array_equal(variant["cls_logits"][0], variant["coarse_cls_logits"][0])
+        assert not np.asarray(variant["refine_start"][0]).any()
+
+
+def test_reference_switch_defaults_are_the_reference_model():
+    cfg = config_from_dict(SMALL)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg.model)}
+    assert defaults["gmg_branches"] == ("instant", "local", "global") and defaults["gmg_gate"] is True
+    assert defaults["cls_fusion_levels"] == ("above",) and defaults["reg_fusion_levels"] == ("below",)
+    assert defaults["fusion"] == "attention" and defaults["refine_cls"] and defaults["refine_reg"]
