@@ -82,7 +82,5 @@ def assign_targets_batch(
 
     Returns `cls_targets [B, N, C]` and `reg_targets [B, N, 2]`.
     """
-    one = functools.partial(
-        assign_targets, num_classes=num_classes, center_sample_radius=center_sample_radius
-    )
+    one = functools.partial(assign_targets, num_classes=num_classes, center_sample_radius=center_sample_radius)
     return jax.vmap(one, in_axes=(None, 0, 0, 0))(points, gt_segments, gt_labels, gt_valid)

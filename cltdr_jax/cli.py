@@ -40,9 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="detect actions in videos and write them as JSON")
     _add_config_args(p)
-    p.add_argument(
-        "checkpoint_dir", help="orbax checkpoint directory (from `cltdr convert` or `cltdr train`)"
-    )
+    p.add_argument("checkpoint_dir", help="orbax checkpoint directory (from `cltdr convert` or `cltdr train`)")
     p.add_argument("--out", required=True, help="detections JSON (ActivityNet results format)")
     p.add_argument("--split", default=None, help="subset to predict (default: the config's val_split)")
     p.add_argument(
@@ -51,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="predict these feature files instead of a split (video id = file name stem)",
     )
-    p.add_argument(
-        "--fps", type=float, default=None, help="fps for --features files (default: dataset default_fps)"
-    )
+    p.add_argument("--fps", type=float, default=None, help="fps for --features files (default: dataset default_fps)")
 
     p = sub.add_parser("eval", help="predict the evaluation split and compute its mAP")
     _add_config_args(p)
@@ -88,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--annotations", default=None, help="use this real annotation file instead of the profile")
     p.add_argument("--difficulty", type=float, default=1.0, help="scales noise and distractors (1 = default)")
-    p.add_argument("--max-duration", type=float, default=None,
-                   help="redraw sampled videos longer than this many seconds (small, fast datasets)")
+    p.add_argument(
+        "--max-duration",
+        type=float,
+        default=None,
+        help="redraw sampled videos longer than this many seconds (small, fast datasets)",
+    )
 
     p = sub.add_parser("demo", help="synthesise a small dataset, train, evaluate and plot, on CPU")
     p.add_argument("--workdir", default="demo_run")

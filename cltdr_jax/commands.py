@@ -81,9 +81,7 @@ def eval_(args: argparse.Namespace) -> int:
     if args.out:
         _write_json(args.out, prediction.results_json)
     metrics = evaluate_prediction(cfg, prediction, args.protocol)
-    print(
-        f"{cfg.dataset_name} {cfg.val_split[0]}: {prediction.stats['videos']} videos ({args.protocol} protocol)"
-    )
+    print(f"{cfg.dataset_name} {cfg.val_split[0]}: {prediction.stats['videos']} videos ({args.protocol} protocol)")
     evaluation.print_table(metrics)
     if args.metrics_out:
         _write_json(args.metrics_out, metrics)

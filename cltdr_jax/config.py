@@ -257,7 +257,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -292,9 +292,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -399,7 +397,5 @@ def _derive(cfg: Config, source: str) -> Config:
         fail(f"dataset.crop_ratio must be [lo, hi] with 0 < lo <= hi, got {list(d.crop_ratio)}")
     if d.max_seq_len % (2 ** m.backbone_arch[2]):
         fail(f"dataset.max_seq_len ({d.max_seq_len}) must be divisible by 2**{m.backbone_arch[2]}")
-    model = dataclasses.replace(
-        m, input_dim=d.input_dim, num_classes=d.num_classes, max_seq_len=d.max_seq_len
-    )
+    model = dataclasses.replace(m, input_dim=d.input_dim, num_classes=d.num_classes, max_seq_len=d.max_seq_len)
     return dataclasses.replace(cfg, model=model, source=source)

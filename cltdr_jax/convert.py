@@ -257,9 +257,7 @@ def abstract_params(cfg: Config) -> dict:
     return variables["params"]
 
 
-def params_from_state_dict(
-    cfg: Config, state_dict: dict[str, np.ndarray], source: str = "checkpoint"
-) -> dict:
+def params_from_state_dict(cfg: Config, state_dict: dict[str, np.ndarray], source: str = "checkpoint") -> dict:
     """Maps a reference state_dict onto the Flax tree of `cfg`; all mismatches are reported in one error."""
     shapes = traverse_util.flatten_dict(abstract_params(cfg))
     flat, missing, misshaped, used = {}, [], [], set()

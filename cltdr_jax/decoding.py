@@ -101,9 +101,7 @@ def refine_offsets(
 # Points (6.1)
 
 
-def points_for_level(
-    length: int, level: int, stride: int, regression_range: tuple[float, float]
-) -> np.ndarray:
+def points_for_level(length: int, level: int, stride: int, regression_range: tuple[float, float]) -> np.ndarray:
     """Point table of one level: `[length, 4]` float32 rows (tau = i * stride, range_lo, range_hi, stride).
 
     `regression_range` is this level's (lo, hi) in input-grid units; `level` only names the level in errors.
@@ -123,10 +121,7 @@ def make_points(
     padded_len: int, strides: Sequence[int], regression_ranges: Sequence[tuple[float, float]]
 ) -> list[np.ndarray]:
     """Point tables of every level, `[T_l, 4]` with T_l = padded_len / s_l, finest level first."""
-    return [
-        points_for_level(padded_len // s, level, s, regression_ranges[level])
-        for level, s in enumerate(strides)
-    ]
+    return [points_for_level(padded_len // s, level, s, regression_ranges[level]) for level, s in enumerate(strides)]
 
 
 def point_buffer_len(max_seq_len: int, max_buffer_len_factor: float, stride: int) -> int:

@@ -75,8 +75,7 @@ def run_demo(workdir: str | Path, seed: int = 0, quick: bool = False) -> dict:
     test_videos = sorted(v for v, e in gt.items() if e["subset"].lower() == cfg.val_split[0])
     for vid in test_videos[:3]:
         out = workdir / f"timeline_{vid}.png"
-        plot_timeline(results["results"].get(vid, []), gt[vid]["annotations"], None,
-                      gt[vid]["duration"], out, top=5)
+        plot_timeline(results["results"].get(vid, []), gt[vid]["annotations"], None, gt[vid]["duration"], out, top=5)
         figures.append(out)
 
     print()

@@ -145,9 +145,7 @@ class Predictions:
         m = len(vids)
         if any(len(a) != m for a in arrays) or len(lab) != m:
             lengths = [m, *(len(a) for a in arrays), len(lab)]
-            raise DataError(
-                f"{source}: video_id, t_start, t_end, score and label differ in length: {lengths}"
-            )
+            raise DataError(f"{source}: video_id, t_start, t_end, score and label differ in length: {lengths}")
         names = np.full(m, None, dtype=object)
         ids = np.zeros(m, dtype=np.int64)
         has_id = np.zeros(m, dtype=bool)
@@ -162,9 +160,7 @@ class Predictions:
                 elif isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)):
                     ids[i], has_id[i] = int(x), True
                 else:
-                    raise DataError(
-                        f"{source}: video {vids[i]!r}: label {x!r} is neither a name nor an integer id"
-                    )
+                    raise DataError(f"{source}: video {vids[i]!r}: label {x!r} is neither a name nor an integer id")
         preds = cls(vids, arrays[0], arrays[1], arrays[2], names, ids, has_id, source)
         _check_finite(preds)
         return preds
@@ -251,8 +247,7 @@ def _without_duplicates(anns: list[tuple[float, float, int]]) -> list[tuple[floa
     kept: list[tuple[float, float, int]] = []
     for s, e, lab in anns:
         if not any(
-            abs(s - ks) <= _DUPLICATE_TOL_S and abs(e - ke) <= _DUPLICATE_TOL_S and lab == kl
-            for ks, ke, kl in kept
+            abs(s - ks) <= _DUPLICATE_TOL_S and abs(e - ke) <= _DUPLICATE_TOL_S and lab == kl for ks, ke, kl in kept
         ):
             kept.append((s, e, lab))
     return kept
@@ -324,9 +319,7 @@ def load_ground_truth(
             f"comparison); subsets in the file: {sorted(subsets_seen)}"
         )
     if not rows:
-        raise DataError(
-            f"{src}: the {len(videos)} videos of subset {subset!r} hold no annotations; nothing to score"
-        )
+        raise DataError(f"{src}: the {len(videos)} videos of subset {subset!r} hold no annotations; nothing to score")
 
     raw_labels = [r[3] for r in rows]
     if protocol == "official":
@@ -400,9 +393,7 @@ def load_predictions(path_or_dict: str | Path | Mapping[str, Any]) -> Prediction
         for i, det in enumerate(dets):
             where = f"{src}: video {vid!r}, detection {i}"
             if not isinstance(det, Mapping):
-                raise DataError(
-                    f"{where}: expected an object with 'segment', 'label' and 'score', got {det!r}"
-                )
+                raise DataError(f"{where}: expected an object with 'segment', 'label' and 'score', got {det!r}")
             s, e = parse_segment(det.get("segment"), where)
             score = det.get("score")
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
@@ -442,9 +433,7 @@ def load_predictions(path_or_dict: str | Path | Mapping[str, Any]) -> Prediction
 # ---------------------------------------------------------------------------------------------------------
 
 
-def segment_tiou(
-    pred_start: np.ndarray, pred_end: np.ndarray, gt_start: np.ndarray, gt_end: np.ndarray
-) -> np.ndarray:
+def segment_tiou(pred_start: np.ndarray, pred_end: np.ndarray, gt_start: np.ndarray, gt_end: np.ndarray) -> np.ndarray:
     """tIoU of predictions [P] with GT rows [P, G]; returns [P, G].
 
     The operations and their order are the evaluators' ``segment_iou`` (prediction first in max/min,
@@ -541,9 +530,7 @@ def match_detections(
     width = max(k[1].shape[1] for k in kept)
     c_idx = np.concatenate([k[0] for k in kept])
     g_order = np.concatenate([np.pad(k[1], ((0, 0), (0, width - k[1].shape[1]))) for k in kept])
-    g_tiou = np.concatenate(
-        [np.pad(k[2], ((0, 0), (0, width - k[2].shape[1])), constant_values=-np.inf) for k in kept]
-    )
+    g_tiou = np.concatenate([np.pad(k[2], ((0, 0), (0, width - k[2].shape[1])), constant_values=-np.inf) for k in kept])
     c_row = p_row[c_idx]
     # The official loop stops at the first GT below the threshold; in this order the GTs it may take
     # (tIoU >= threshold or NaN) form a prefix, so "first free GT inside the prefix" is the same rule.
@@ -636,9 +623,7 @@ def _check_protocol(protocol: str) -> None:
 def _thresholds(tiou_thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
     thr = np.asarray(tiou_thresholds, dtype=np.float64).reshape(-1)
     if thr.size == 0 or not np.all(np.isfinite(thr)):
-        raise ValueError(
-            f"tIoU thresholds must be a non-empty list of finite numbers, got {tiou_thresholds!r}"
-        )
+        raise ValueError(f"tIoU thresholds must be a non-empty list of finite numbers, got {tiou_thresholds!r}")
     return thr
 
 
@@ -764,9 +749,7 @@ def format_table(metrics: Mapping[str, Any], per_class: bool = False) -> str:
     header = f"{'tIoU':<{width}} " + " ".join(f"{t:>6.2f}" for t in thr) + f" | {'Avg.':>6}"
     lines = [header, "-" * len(header)]
     for name, values, avg in rows:
-        lines.append(
-            f"{name:<{width}} " + " ".join(f"{100 * v:6.2f}" for v in values) + f" | {100 * avg:6.2f}"
-        )
+        lines.append(f"{name:<{width}} " + " ".join(f"{100 * v:6.2f}" for v in values) + f" | {100 * avg:6.2f}")
     return "\n".join(lines)
 
 

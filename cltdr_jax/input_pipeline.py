@@ -61,9 +61,7 @@ class TrainBatches:
         feats = item["feats"]
         t = feats.shape[0]
         if t > d.max_seq_len:  # the crop guarantees this; a bug elsewhere must not silently truncate
-            raise DataError(
-                f"video {item['video_id']!r}: {t} steps after cropping > max_seq_len {d.max_seq_len}"
-            )
+            raise DataError(f"video {item['video_id']!r}: {t} steps after cropping > max_seq_len {d.max_seq_len}")
         padded = np.zeros((d.max_seq_len, feats.shape[1]), np.float32)
         padded[:t] = feats
         n = len(item["labels"])

@@ -83,9 +83,7 @@ _CLS_LOSSES = {"focal": sigmoid_focal_loss, "varifocal": varifocal_loss}
 # Detection losses
 
 
-def decode_levels(
-    outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int
-) -> tuple[Array, Array]:
+def decode_levels(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int) -> tuple[Array, Array]:
     """Coarse and refined offsets of every level, concatenated: `(coarse, refined)`, each `[B, N, C, 2]`.
 
     Each level is decoded on its own so that the boundary windows do not cross levels.
@@ -161,9 +159,7 @@ def detection_losses(
     eps = cfg_train.label_smoothing
     smoothed = cls_targets * (1 - eps) + eps / (num_classes + 1)
 
-    def term(
-        logits: Array, offsets: Array, loss_type: str, iou_weighted: bool, norm: Array
-    ) -> tuple[Array, Array]:
+    def term(logits: Array, offsets: Array, loss_type: str, iou_weighted: bool, norm: Array) -> tuple[Array, Array]:
         cls = _CLS_LOSSES[loss_type](logits, smoothed)
         pred, target = pair_safe(offsets)
         if iou_weighted:

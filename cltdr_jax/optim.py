@@ -61,9 +61,7 @@ def make_optimizer(cfg: Config, steps_per_epoch: int) -> tuple[optax.GradientTra
         parts.append(clip_by_global_norm_like_torch(cfg.train_cfg.clip_grad_l2norm))
     # PyTorch AdamW: p <- p - lr * wd * p, then the Adam step (betas 0.9/0.999, eps 1e-8); optax's adamw
     # applies the same decoupled decay to the old parameters.
-    parts.append(
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.opt.weight_decay, mask=decay_mask)
-    )
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.opt.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
 
 

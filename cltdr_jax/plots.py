@@ -103,9 +103,7 @@ def plot_timeline(
         y0 = len(rows) - 1 - r  # first row at the top
         for label, s, e in gts:
             if label == name:
-                ax.broken_barh(
-                    [(s, e - s)], (y0 + 0.5, 0.4), facecolors=color, edgecolor="black", linewidth=0.6
-                )
+                ax.broken_barh([(s, e - s)], (y0 + 0.5, 0.4), facecolors=color, edgecolor="black", linewidth=0.6)
         mine = [d for d in dets if d[0] == name][:top]
         lane = 0.45 / max(len(mine), 1)
         for i, (_, s, e, score) in enumerate(mine):
@@ -147,9 +145,7 @@ def cmd_plot(args: Any) -> int:
         where = f"{src}: video {args.video!r}, annotation {i}"
         if not isinstance(ann, Mapping) or "label" not in ann:
             raise DataError(f"{where}: expected an object with 'segment' and 'label'")
-        gt_rows.append(
-            {"segment": evaluation.parse_segment(ann.get("segment"), where), "label": ann["label"]}
-        )
+        gt_rows.append({"segment": evaluation.parse_segment(ann.get("segment"), where), "label": ann["label"]})
     names_by_id, _ = evaluation.label_vocabulary(data, db)
 
     sel = np.nonzero(preds.video_id == args.video)[0]

@@ -25,9 +25,7 @@ class Detections:
         return len(self.scores)
 
 
-def level_candidates(
-    scores: np.ndarray, left: np.ndarray, right: np.ndarray, test_cfg: TestConfig
-) -> Detections:
+def level_candidates(scores: np.ndarray, left: np.ndarray, right: np.ndarray, test_cfg: TestConfig) -> Detections:
     """Candidates of one level. scores, left, right: [T_l, C] (sigmoid score * mask; segment ends in grid units).
 
     Threshold, top-k by descending score over the row-major (t, c) flattening, then the duration filter.
@@ -64,9 +62,7 @@ def video_detections(
     return Detections(segs, scores, labels)
 
 
-def to_seconds(
-    dets: Detections, fps: float, feat_stride: int, num_frames: int, duration: float
-) -> Detections:
+def to_seconds(dets: Detections, fps: float, feat_stride: int, num_frames: int, duration: float) -> Detections:
     """Grid units to seconds: (g * stride + 0.5 * num_frames) / fps, then clip to [0, duration].
 
     The reference clips with `segs[segs <= 0] *= 0`, which can leave -0.0; we keep that for parity.
@@ -91,9 +87,7 @@ def load_external_scores(path: str | Path) -> dict[str, np.ndarray]:
     """
     path = Path(path)
     if path.suffix == ".pkl":
-        raise DataError(
-            f"{path}: external scores must be JSON (pickles are not read); convert the file first"
-        )
+        raise DataError(f"{path}: external scores must be JSON (pickles are not read); convert the file first")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

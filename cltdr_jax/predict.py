@@ -95,9 +95,7 @@ def ground_truth(cfg: Config, split: str, protocol: str) -> evaluation.GroundTru
         vid: {**entry, "subset": str(entry.get("subset", "")).lower()}
         for vid, entry in data.get("database", {}).items()
     }
-    return evaluation.load_ground_truth(
-        {**data, "database": database}, subset=split.lower(), protocol=protocol
-    )
+    return evaluation.load_ground_truth({**data, "database": database}, subset=split.lower(), protocol=protocol)
 
 
 def tiou_thresholds(cfg: Config) -> np.ndarray:

@@ -294,9 +294,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def feature_model(
-    num_classes: int, dim: int, seed: int, confusable: list[tuple[int, int]] = ()
-) -> FeatureModel:
+def feature_model(num_classes: int, dim: int, seed: int, confusable: list[tuple[int, int]] = ()) -> FeatureModel:
     """Class vectors of `num_classes` classes in `dim` dims; `confusable` pairs get correlated bodies."""
     rng = np.random.default_rng([seed, 3, dim])
     C = num_classes

@@ -103,9 +103,7 @@ def make_train_step(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformati
     noise_std = cfg.model.input_noise
 
     def cast(tree: Any, dtype: Any) -> Any:
-        return jax.tree_util.tree_map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-        )
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, noise_key, drop_key = jax.random.split(state.rng, 3)
@@ -194,9 +192,7 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict[s
     mngr.wait_until_finished()
 
 
-def restore_checkpoint(
-    mngr: ocp.CheckpointManager, abstract: TrainState, step: int
-) -> tuple[TrainState, dict]:
+def restore_checkpoint(mngr: ocp.CheckpointManager, abstract: TrainState, step: int) -> tuple[TrainState, dict]:
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(train_state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
@@ -285,15 +281,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
 
     model = CLTDRGMG(cfg.model, cfg.train_cfg)
     tx, schedule = make_optimizer(cfg, batches.steps_per_epoch)
-    step_fn, replicated, data_sharding = compile_train_step(
-        cfg, make_train_step(cfg, model, tx, schedule), mesh
-    )
+    step_fn, replicated, data_sharding = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), mesh)
 
     mngr = ckpt.manager(workdir / "checkpoints", max_to_keep=cfg.trainer.keep_checkpoints)
     abstract = jax.eval_shape(lambda: init_state(cfg, model, tx, cfg.init_rand_seed))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     latest = mngr.latest_step()
     log_path = workdir / "log.jsonl"
     if latest is not None:
@@ -362,8 +354,13 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
     for result in history:
         if result:
             result.pop("detections")
-    summary = {"workdir": str(workdir), "steps": total_steps, "final_metrics": final, "evaluations": history,
-               "final_detections": detections}
+    summary = {
+        "workdir": str(workdir),
+        "steps": total_steps,
+        "final_metrics": final,
+        "evaluations": history,
+        "final_detections": detections,
+    }
     if primary:
         if final is not None:
             (workdir / "metrics.json").write_text(json.dumps(final, indent=1))
@@ -393,9 +390,7 @@ def _closing(iterator):
             iterator.close()
 
 
-def _evaluate_and_log(
-    cfg: Config, state: TrainState, step: int, steps_per_epoch: int, log_file
-) -> dict | None:
+def _evaluate_and_log(cfg: Config, state: TrainState, step: int, steps_per_epoch: int, log_file) -> dict | None:
     from cltdr_jax.evaluation import format_table
 
     try:
@@ -413,8 +408,7 @@ def _evaluate_and_log(
     )
     if log_file is not None:
         log_file.write(
-            json.dumps({"step": step, "epoch": step / steps_per_epoch, "average_mAP": metrics["average_mAP"]})
-            + "\n"
+            json.dumps({"step": step, "epoch": step / steps_per_epoch, "average_mAP": metrics["average_mAP"]}) + "\n"
         )
         log_file.flush()
     return metrics

@@ -96,9 +96,7 @@ def main() -> None:
     parser.add_argument("--detections", type=int, default=2000, help="per video")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--gt-per-video", type=int, default=15, help="mean GT instances per video")
-    parser.add_argument(
-        "--loop-videos", type=int, default=20, help="videos the loop runs on (then extrapolated)"
-    )
+    parser.add_argument("--loop-videos", type=int, default=20, help="videos the loop runs on (then extrapolated)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     thr = ev.DATASET_TIOU["anet"]
@@ -146,9 +144,7 @@ def main() -> None:
                 "loop_subsample_detections": int(sel.sum()),
                 "loop_subsample_s": round(t_loop_sub, 3),
                 "loop_all_videos_s": round(t_loop_all, 3),
-                "loop_all_videos_is": "measured"
-                if n_sub == args.videos
-                else f"extrapolated x{args.videos / n_sub:g}",
+                "loop_all_videos_is": "measured" if n_sub == args.videos else f"extrapolated x{args.videos / n_sub:g}",
                 "speedup_subsample": round(t_loop_sub / t_vec_sub, 1),
                 "speedup_all_videos": round(t_loop_all / t_vec, 1),
                 "subsample_per_class_AP_identical": bool(np.array_equal(ap_loop, ap_vec)),

@@ -40,12 +40,18 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir).absolute()
-    config = synthesize("thumos14", work / "data", feature_dim=FEATURE_DIM, num_videos=args.videos,
-                        seed=args.seed, max_duration=MAX_DURATION, difficulty=args.difficulty)
+    config = synthesize(
+        "thumos14",
+        work / "data",
+        feature_dim=FEATURE_DIM,
+        num_videos=args.videos,
+        seed=args.seed,
+        max_duration=MAX_DURATION,
+        difficulty=args.difficulty,
+    )
     results = {}
     for name in args.variants.split(","):
-        cfg = demo_config(config, quick=False, extra=[f"init_rand_seed={args.seed}", *VARIANTS[name],
-                                                      *args.overrides])
+        cfg = demo_config(config, quick=False, extra=[f"init_rand_seed={args.seed}", *VARIANTS[name], *args.overrides])
         start = time.perf_counter()
         summary = train_and_evaluate(cfg, work / name)
         metrics = summary["final_metrics"]
@@ -56,8 +62,19 @@ def main() -> None:
             "train_and_eval_s": round(time.perf_counter() - start, 1),
         }
         print(json.dumps({name: results[name]}), flush=True)
-    print(json.dumps({"dataset": "synthetic thumos14-like (demo)", "videos": args.videos, "seed": args.seed,
-                      "difficulty": args.difficulty, "feature_dim": FEATURE_DIM, "results": results}, indent=1))
+    print(
+        json.dumps(
+            {
+                "dataset": "synthetic thumos14-like (demo)",
+                "videos": args.videos,
+                "seed": args.seed,
+                "difficulty": args.difficulty,
+                "feature_dim": FEATURE_DIM,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

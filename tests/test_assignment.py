@@ -135,15 +135,11 @@ def test_fixture_targets(shared_dir):
             for i in range(len(ref[key + "video_ids"]))
         ]
         segs, labels, valid = (np.stack(x) for x in zip(*batch, strict=True))
-        cls, reg = batched(
-            points, segs, labels, valid, cfg.dataset.num_classes, cfg.train_cfg.center_sample_radius
-        )
+        cls, reg = batched(points, segs, labels, valid, cfg.dataset.num_classes, cfg.train_cfg.center_sample_radius)
         cls, reg = np.asarray(cls), np.asarray(reg)
         np.testing.assert_array_equal(cls, ref[key + "gt_cls_labels"])
         pos = cls.sum(-1) > 0
         np.testing.assert_array_equal(reg[pos], ref[key + "gt_offsets"][pos])
-        valid_points = np.concatenate(
-            [ref[f"{key}mask_L{level}"] for level in range(len(cfg.strides))], axis=1
-        )
+        valid_points = np.concatenate([ref[f"{key}mask_L{level}"] for level in range(len(cfg.strides))], axis=1)
         assert (pos & valid_points).sum() == ref[key + "num_pos"]
     assert (ref["train/batch0/gt_cls_labels"].sum(-1) > 1).any()  # the multi-hot corner case is exercised

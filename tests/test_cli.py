@@ -30,8 +30,20 @@ def run(args, capsys):
 def test_eval_reproduces_reference_map(thumos_small, converted, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(thumos_small)  # the config's paths are relative to the working directory
     monkeypatch.setenv("CLTDR_XLA_CACHE", str(tmp_path / "cache"))
-    code, out, _ = run(["eval", "config.yaml", converted, "--protocol", "reference", "--out", tmp_path / "det.json",
-                        "--metrics-out", tmp_path / "metrics.json"], capsys)
+    code, out, _ = run(
+        [
+            "eval",
+            "config.yaml",
+            converted,
+            "--protocol",
+            "reference",
+            "--out",
+            tmp_path / "det.json",
+            "--metrics-out",
+            tmp_path / "metrics.json",
+        ],
+        capsys,
+    )
     assert code == 0
     assert "mAP (%)" in out
     ours = json.loads((tmp_path / "metrics.json").read_text())
@@ -56,8 +68,20 @@ def test_second_predict_run_compiles_nothing(thumos_small, converted, tmp_path):
     env = dict(os.environ, CLTDR_XLA_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
 
     def predict():
-        cmd = [sys.executable, "-m", "cltdr_jax.cli", "predict", str(thumos_small / "config.yaml"), str(converted),
-               "--out", str(tmp_path / "d.json"), "--fps", "30", "--features", *map(str, files)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cltdr_jax.cli",
+            "predict",
+            str(thumos_small / "config.yaml"),
+            str(converted),
+            "--out",
+            str(tmp_path / "d.json"),
+            "--fps",
+            "30",
+            "--features",
+            *map(str, files),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return int(re.search(r"(\d+) compilations for 2 padded lengths", proc.stdout).group(1))
@@ -88,24 +112,58 @@ def test_bad_feature_files_get_clear_errors(thumos_small, converted, tmp_path, c
         np.save(path, x)
     elif case == "empty":
         np.save(path, np.zeros((0, 32), np.float32))
-    code, _, err = run(["predict", thumos_small / "config.yaml", converted, "--out", tmp_path / "o.json",
-                        "--fps", "30", "--features", path], capsys)
+    code, _, err = run(
+        [
+            "predict",
+            thumos_small / "config.yaml",
+            converted,
+            "--out",
+            tmp_path / "o.json",
+            "--fps",
+            "30",
+            "--features",
+            path,
+        ],
+        capsys,
+    )
     assert code == 2
     assert re.search(expected, err, re.IGNORECASE | re.DOTALL), err
     assert "Traceback" not in err
 
 
 def test_checkpoint_of_another_config_is_a_clear_error(thumos_small, converted, tmp_path, capsys):
-    code, _, err = run(["predict", thumos_small / "config.yaml", converted, "--set", "model.head_dim=32",
-                        "--out", tmp_path / "o.json", "--fps", "30", "--features",
-                        thumos_small / "features" / "video_test_0001007.npy"], capsys)
+    code, _, err = run(
+        [
+            "predict",
+            thumos_small / "config.yaml",
+            converted,
+            "--set",
+            "model.head_dim=32",
+            "--out",
+            tmp_path / "o.json",
+            "--fps",
+            "30",
+            "--features",
+            thumos_small / "features" / "video_test_0001007.npy",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "does not fit" in err and "config" in err
 
 
 def test_convert_rejects_a_checkpoint_of_another_config(thumos_small, tmp_path, capsys):
-    code, _, err = run(["convert", thumos_small / "config.yaml", thumos_small / "state_dict.npz", tmp_path / "c",
-                        "--set", "model.sgp_mlp_dim=64"], capsys)
+    code, _, err = run(
+        [
+            "convert",
+            thumos_small / "config.yaml",
+            thumos_small / "state_dict.npz",
+            tmp_path / "c",
+            "--set",
+            "model.sgp_mlp_dim=64",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "mis-shaped" in err and "mlp.0.weight" in err
 

@@ -17,9 +17,7 @@ from cltdr_jax.errors import DataError
 def _convert(tmp_path, kind, inputs, classes="verb"):
     out = tmp_path / "sub" / f"{kind}_{classes}.json"
     assert (
-        cmd_convert_annotations(
-            Namespace(kind=kind, inputs=[str(p) for p in inputs], out=str(out), classes=classes)
-        )
+        cmd_convert_annotations(Namespace(kind=kind, inputs=[str(p) for p in inputs], out=str(out), classes=classes))
         == 0
     )
     return out, json.loads(out.read_text())
@@ -149,9 +147,7 @@ def test_missing_and_unrecognised_inputs(tmp_path, epic_dir, anet_dir):
             classes="noun",
         )
     with pytest.raises(DataError, match="needs EPIC_100_train.csv"):
-        _convert(
-            tmp_path, "epic", [epic_dir / "EPIC_100_video_info.csv", epic_dir / "EPIC_100_verb_classes.csv"]
-        )
+        _convert(tmp_path, "epic", [epic_dir / "EPIC_100_video_info.csv", epic_dir / "EPIC_100_verb_classes.csv"])
     with pytest.raises(DataError, match="exactly one action_name.csv"):
         _convert(tmp_path, "anet-bsn", [anet_dir / "video_info_new.csv", anet_dir / "anet_anno_action.json"])
     odd = tmp_path / "odd.csv"

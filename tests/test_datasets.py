@@ -375,9 +375,7 @@ def test_bad_segments_dropped_by_default_and_rejected_when_strict(tmp_path, segm
 
 def test_partly_outside_segments_are_kept_and_counted(tmp_path):
     db = _two_classes(v_x=_video(duration=10.0, acts=[("A", 0, [-0.5, 2]), ("B", 1, [9, 10.2])]))
-    records, _, info = load_annotations(
-        _cfg(_write_json(tmp_path, db)), ["validation"], require_features=False
-    )
+    records, _, info = load_annotations(_cfg(_write_json(tmp_path, db)), ["validation"], require_features=False)
     assert info["partly_outside"] == 2 and info["num_segments"] == 4
     np.testing.assert_array_equal(records[1].segments_sec, [[-0.5, 2], [9, 10.2]])
 
@@ -404,15 +402,11 @@ def test_anet_deduplicates_and_keeps_label_ids(tmp_path):
     acts = [("A", 7, [1.0, 5.0]), ("A", 7, [1.0005, 4.9995]), ("B", 3, [1.0, 5.0]), ("A", 7, [1.0, 5.002])]
     db = {"x": _video(subset="training", acts=acts)}
     path = _write_json(tmp_path, db)
-    records, names, info = load_annotations(
-        _cfg(path, "anet", num_classes=1), ["training"], require_features=False
-    )
+    records, names, info = load_annotations(_cfg(path, "anet", num_classes=1), ["training"], require_features=False)
     assert info["duplicates"] == 1
     np.testing.assert_array_equal(records[0].labels, [7, 3, 7])  # JSON ids; items use 0 (class-agnostic)
     assert names[7] == "A" and names[3] == "B" and len(names) == 8
-    records, _, info = load_annotations(
-        _cfg(path, "custom", num_classes=8), ["training"], require_features=False
-    )
+    records, _, info = load_annotations(_cfg(path, "custom", num_classes=8), ["training"], require_features=False)
     assert len(records[0].labels) == 4  # only anet and hacs de-duplicate
 
 
@@ -505,9 +499,7 @@ def test_training_items_are_cropped_deterministically(tmp_path):
     assert item["feats"].shape == (32, 4) and len(item["labels"]) > 0
     assert item["segments"].min() >= 0 and item["segments"].max() <= 32
     preloaded = VideoDataset(cfg, ["validation"], training=True, preload=True, seed=5)
-    np.testing.assert_array_equal(
-        preloaded[0]["feats"], VideoDataset(cfg, ["validation"], True, seed=5)[0]["feats"]
-    )
+    np.testing.assert_array_equal(preloaded[0]["feats"], VideoDataset(cfg, ["validation"], True, seed=5)[0]["feats"])
     with pytest.raises(ValueError, match="rng"):
         ds.get(0, None)
 
@@ -529,9 +521,7 @@ def test_anet_training_filter_and_class_agnostic_labels(tmp_path):
     np.testing.assert_array_equal(item["labels"], [0, 0])
     eval_item = VideoDataset(cfg, ["training"], training=False)[0]
     assert len(eval_item["labels"]) == 4  # no filter at inference
-    np.testing.assert_allclose(
-        VideoDataset(cfg, ["training"], False).tiou_thresholds, np.linspace(0.5, 0.95, 10)
-    )
+    np.testing.assert_allclose(VideoDataset(cfg, ["training"], False).tiou_thresholds, np.linspace(0.5, 0.95, 10))
 
     path = _write_json(tmp_path, {"x": _video(subset="training", duration=20.0, acts=acts[3:])})
     with pytest.raises(DataError, match="'x'.*no actions left"):
@@ -573,9 +563,7 @@ def test_epic_empty_label_ids_and_npz_features(tmp_path):
     path = _write_json(tmp_path, db)
     (tmp_path / "feats").mkdir()
     np.savez(tmp_path / "feats" / "P01.npz", feats=np.ones((9, 4), np.float32))
-    ds = VideoDataset(
-        _cfg(path, "epic", num_classes=5, file_ext=".npz", default_fps=30), ["validation"], False
-    )
+    ds = VideoDataset(_cfg(path, "epic", num_classes=5, file_ext=".npz", default_fps=30), ["validation"], False)
     assert ds.empty_label_ids == [1, 2, 4]
     assert ds.class_names == ["take", "class_1", "class_2", "open", "class_4"]
     assert ds[0]["feats"].shape == (9, 4)

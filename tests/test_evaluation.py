@@ -318,9 +318,7 @@ def test_bad_files_name_file_and_video(tmp_path):
 def test_cmd_map_writes_metrics(tmp_path, capsys):
     gt_path, pred_path = tmp_path / "gt.json", tmp_path / "pred.json"
     gt_path.write_text(json.dumps(_gt([_ann(0, 10), _ann(20, 30)])))
-    pred_path.write_text(
-        json.dumps({"results": {"v1": [_det(0, 10, 0.9), _det(100, 110, 0.8), _det(20, 28, 0.7)]}})
-    )
+    pred_path.write_text(json.dumps({"results": {"v1": [_det(0, 10, 0.9), _det(100, 110, 0.8), _det(20, 28, 0.7)]}}))
     out = tmp_path / "sub" / "metrics.json"
     args = argparse.Namespace(
         gt=str(gt_path),

@@ -28,8 +28,9 @@ def test_transposed_conv_matches_the_explicit_formula():
     xp = np.concatenate([x, np.zeros_like(x[:, :1])], axis=1).astype(np.float64)
     for j in range(5):
         np.testing.assert_allclose(y[:, 2 * j], b + xp[:, j] @ u[:, :, 1], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(y[:, 2 * j + 1], b + xp[:, j] @ u[:, :, 2] + xp[:, j + 1] @ u[:, :, 0],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            y[:, 2 * j + 1], b + xp[:, j] @ u[:, :, 2] + xp[:, j + 1] @ u[:, :, 0], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_max_pool_padding_never_wins():
@@ -54,8 +55,9 @@ def test_norms_use_eps_1e5_and_biased_variance():
 
 
 def test_softshrink():
-    np.testing.assert_allclose(softshrink(jnp.array([-0.01, -0.0005, 0.0, 0.0005, 0.01])),
-                               [-0.009, 0.0, 0.0, 0.0, 0.009], atol=1e-8)
+    np.testing.assert_allclose(
+        softshrink(jnp.array([-0.01, -0.0005, 0.0, 0.0005, 0.01])), [-0.009, 0.0, 0.0, 0.0, 0.009], atol=1e-8
+    )
 
 
 def test_gmg_block_matches_a_float64_rederivation():
@@ -98,8 +100,16 @@ def test_gmg_block_matches_a_float64_rederivation():
 
 SMALL = {
     "dataset": {"input_dim": 8, "num_classes": 3, "max_seq_len": 64},
-    "model": {"embd_dim": 16, "fpn_dim": 16, "head_dim": 16, "sgp_mlp_dim": 16, "num_bins": 4, "init_conv_vars": 0.5,
-              "backbone_arch": [2, 1, 2], "regression_range": [[0, 4], [4, 8], [8, 10000]]},
+    "model": {
+        "embd_dim": 16,
+        "fpn_dim": 16,
+        "head_dim": 16,
+        "sgp_mlp_dim": 16,
+        "num_bins": 4,
+        "init_conv_vars": 0.5,
+        "backbone_arch": [2, 1, 2],
+        "regression_range": [[0, 4], [4, 8], [8, 10000]],
+    },
 }
 
 

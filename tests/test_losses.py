@@ -192,9 +192,7 @@ def _np_detection_losses(outputs, cls_targets, reg_targets, masks, norm, train: 
 
 
 # The default losses without smoothing, and both switches flipped with smoothing (every target > 0).
-@pytest.mark.parametrize(
-    "smoothing, refined, coarse", [(0.0, "varifocal", "focal"), (0.1, "focal", "varifocal")]
-)
+@pytest.mark.parametrize("smoothing, refined, coarse", [(0.0, "varifocal", "focal"), (0.1, "focal", "varifocal")])
 def test_matches_float64_rederivation(smoothing, refined, coarse):
     outputs, cls_targets, reg_targets, masks = _synthetic_batch()
     train = TrainConfig(label_smoothing=smoothing, refined_cls_loss=refined, coarse_cls_loss=coarse)
@@ -286,10 +284,7 @@ def test_fixture_losses(shared_dir, targets):
         outputs = {
             "cls_logits": [a * p for a, p in zip(coarse, prob, strict=True)],
             "coarse_cls_logits": coarse,
-            **{
-                n: level_list(n)
-                for n in ("start_logits", "end_logits", "reg_offsets", "refine_start", "refine_end")
-            },
+            **{n: level_list(n) for n in ("start_logits", "end_logits", "reg_offsets", "refine_start", "refine_end")},
         }
         masks = [ref[f"{key}mask_L{level}"] for level in levels]
         if targets == "fixture":

@@ -104,8 +104,12 @@ def test_reference_soft_nms_outputs(thumos_small):
     ref = np.load(thumos_small / "reference_outputs.npz")
     for vid in map(str, ref["test/video_ids"]):
         segs, scores, labels = batched_nms(
-            ref[f"test/{vid}/cand_segments"], ref[f"test/{vid}/cand_scores"], ref[f"test/{vid}/cand_labels"],
-            sigma=0.5, min_score=0.001, max_num=2000,
+            ref[f"test/{vid}/cand_segments"],
+            ref[f"test/{vid}/cand_scores"],
+            ref[f"test/{vid}/cand_labels"],
+            sigma=0.5,
+            min_score=0.001,
+            max_num=2000,
         )
         ref_segs, ref_scores = ref[f"test/{vid}/nms_segments"], ref[f"test/{vid}/nms_scores"]
         assert len(scores) == len(ref_scores), vid

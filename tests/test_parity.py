@@ -112,8 +112,13 @@ def test_candidates_match_reference(ema_run):
         assert len(scores) == len(ref_scores), vid
         # Order is defined only up to near-ties: compare after sorting by (label, start, end).
         ours = np.lexsort((segs[:, 1], segs[:, 0], labels))
-        theirs = np.lexsort((ref[f"test/{vid}/cand_segments"][:, 1], ref[f"test/{vid}/cand_segments"][:, 0],
-                             ref[f"test/{vid}/cand_labels"]))
+        theirs = np.lexsort(
+            (
+                ref[f"test/{vid}/cand_segments"][:, 1],
+                ref[f"test/{vid}/cand_segments"][:, 0],
+                ref[f"test/{vid}/cand_labels"],
+            )
+        )
         np.testing.assert_array_equal(labels[ours], ref[f"test/{vid}/cand_labels"][theirs])
         np.testing.assert_allclose(segs[ours], ref[f"test/{vid}/cand_segments"][theirs], atol=1e-3)
         np.testing.assert_allclose(scores[ours], ref_scores[theirs], atol=1e-5)
@@ -126,9 +131,10 @@ def match_detections(ours: Detections, ref_rows: list[dict]) -> int:
     labels = np.array([r["label"] for r in ref_rows])
     used = np.zeros(len(ref_rows), bool)
     matched = 0
-    for seg, score, label in zip(ours.segments, ours.scores, ours.labels):
-        hit = np.nonzero(~used & (labels == label) & (np.abs(segs - seg).max(axis=1) <= 1e-3)
-                         & (np.abs(scores - score) <= 1e-4))[0]
+    for seg, score, label in zip(ours.segments, ours.scores, ours.labels, strict=True):
+        hit = np.nonzero(
+            ~used & (labels == label) & (np.abs(segs - seg).max(axis=1) <= 1e-3) & (np.abs(scores - score) <= 1e-4)
+        )[0]
         if len(hit):
             used[hit[0]] = True
             matched += 1

@@ -42,8 +42,9 @@ def test_class_agnostic_nms_with_box_voting():
     segs = np.stack([start, start + rng.uniform(2, 10, 60)], 1).astype(np.float32)
     scores = rng.uniform(0.05, 1, 60).astype(np.float32)
     labels = np.zeros(60, int)
-    out_segs, out_scores, _ = batched_nms(segs, scores, labels, sigma=0.7, min_score=0.01, max_num=20,
-                                          multiclass=False, voting_thresh=0.75)
+    out_segs, out_scores, _ = batched_nms(
+        segs, scores, labels, sigma=0.7, min_score=0.01, max_num=20, multiclass=False, voting_thresh=0.75
+    )
     kept = brute_force_soft_nms(segs, scores, 0.7, 0.01)[:20]
     np.testing.assert_allclose(out_scores, [s for _, s in kept], rtol=1e-5)
     for row, (i, _) in zip(out_segs, kept, strict=True):

@@ -41,12 +41,17 @@ def test_schedule_reference_quirks():
 
 
 def test_decay_groups():
-    params = {"a": {"kernel": 1, "bias": 1, "scale": 1}, "gmg": {"w1": 1, "b1": 1, "gamma1": 1, "fc_kernel": 1,
-                                                                 "convw_bias": 1}, "reg": {"scale_0": 1}}
+    params = {
+        "a": {"kernel": 1, "bias": 1, "scale": 1},
+        "gmg": {"w1": 1, "b1": 1, "gamma1": 1, "fc_kernel": 1, "convw_bias": 1},
+        "reg": {"scale_0": 1},
+    }
     mask = decay_mask(params)
-    assert mask == {"a": {"kernel": True, "bias": False, "scale": False},
-                    "gmg": {"w1": True, "b1": False, "gamma1": False, "fc_kernel": True, "convw_bias": False},
-                    "reg": {"scale_0": False}}
+    assert mask == {
+        "a": {"kernel": True, "bias": False, "scale": False},
+        "gmg": {"w1": True, "b1": False, "gamma1": False, "fc_kernel": True, "convw_bias": False},
+        "reg": {"scale_0": False},
+    }
 
 
 def test_clip_matches_torch_formula():
@@ -62,8 +67,10 @@ def test_adamw_matches_torch_semantics():
     cfg = schedule_cfg(learning_rate=0.1, weight_decay=0.5, warmup=False, epochs=1000, eta_min=0.1)
     tx, _ = make_optimizer(cfg, steps_per_epoch=1)
     params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5])}
-    grads = [{"kernel": jnp.array([0.3, -0.1]), "bias": jnp.array([0.2])},
-             {"kernel": jnp.array([-0.2, 0.4]), "bias": jnp.array([0.1])}]
+    grads = [
+        {"kernel": jnp.array([0.3, -0.1]), "bias": jnp.array([0.2])},
+        {"kernel": jnp.array([-0.2, 0.4]), "bias": jnp.array([0.1])},
+    ]
     state = tx.init(params)
     for g in grads:
         updates, state = tx.update(g, state, params)
@@ -79,8 +86,7 @@ def test_adamw_matches_torch_semantics():
             p = p - 0.1 / (1 - 0.9**t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
         return p
 
-    np.testing.assert_allclose(params["kernel"], torch_adamw([1.0, -2.0], [g["kernel"] for g in grads], 0.5),
-                               rtol=1e-5)
+    np.testing.assert_allclose(params["kernel"], torch_adamw([1.0, -2.0], [g["kernel"] for g in grads], 0.5), rtol=1e-5)
     np.testing.assert_allclose(params["bias"], torch_adamw([0.5], [g["bias"] for g in grads], 0.0), rtol=1e-5)
 
 
@@ -238,9 +244,12 @@ def test_bfloat16_compute_keeps_float32_state_and_close_losses(tiny_dataset):
         for i in range(2):
             state, metrics = step(state, jax.device_put(batches(i), data))
         results[dtype] = (state, jax.device_get(metrics))
-    (state32, m32), (state16, m16) = results["float32"], results["bfloat16"]
+    (_, m32), (state16, m16) = results["float32"], results["bfloat16"]
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state16.params))
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state16.opt_state) if hasattr(x, "dtype")
-               and jnp.issubdtype(x.dtype, jnp.floating))
+    assert all(
+        x.dtype == jnp.float32
+        for x in jax.tree_util.tree_leaves(state16.opt_state)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+    )
     assert np.isfinite(m16["final_loss"])
     np.testing.assert_allclose(m16["final_loss"], m32["final_loss"], rtol=0.05)

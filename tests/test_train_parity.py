@@ -45,10 +45,12 @@ def test_training_losses_match_reference(thumos_small, batch):
     def losses(params):
         # The fixture's training forward ran with input noise and drop-path probability 0.
         outputs = model.apply({"params": params}, feats, mask, deterministic=True)
-        cls_t, reg_t = assign_targets_batch(points, segments, labels, valid, cfg.dataset.num_classes,
-                                            cfg.train_cfg.center_sample_radius)
-        return detection_losses(outputs, cls_t, reg_t, outputs["masks"], cfg.train_cfg.init_loss_norm,
-                                cfg.train_cfg, cfg.model)
+        cls_t, reg_t = assign_targets_batch(
+            points, segments, labels, valid, cfg.dataset.num_classes, cfg.train_cfg.center_sample_radius
+        )
+        return detection_losses(
+            outputs, cls_t, reg_t, outputs["masks"], cfg.train_cfg.init_loss_norm, cfg.train_cfg, cfg.model
+        )
 
     out, loss_norm = jax.device_get(losses(params))
     for key in ("cls_loss", "reg_loss", "final_loss"):

@@ -193,9 +193,7 @@ def convert_anet_bsn(
             if act.get("label") not in label_ids:
                 raise DataError(f"{where}: label {act.get('label')!r} is not in {action_names_csv}")
             start, end = seg
-            annotations.append(
-                {"label": act["label"], "label_id": label_ids[act["label"]], "segment": [start, end]}
-            )
+            annotations.append({"label": act["label"], "label_id": label_ids[act["label"]], "segment": [start, end]})
         subset, fps = videos[key]
         vid = key[2:] if key.startswith("v_") else key
         database[vid] = {
@@ -206,9 +204,7 @@ def convert_anet_bsn(
         }
     not_annotated = len(set(videos) - set(source))
     if not_annotated:
-        logger.warning(
-            "%s: %d videos are not in %s; left out", video_info_csv, not_annotated, annotation_json
-        )
+        logger.warning("%s: %d videos are not in %s; left out", video_info_csv, not_annotated, annotation_json)
     return {"version": "ActivityNet-1.3 (BSN annotations)", "database": database}
 
 
@@ -236,9 +232,7 @@ def cmd_convert_annotations(args: Namespace) -> int:
         classes = getattr(args, "classes", "verb")
         annotation_csvs = found.get("epic_annotations", [])
         if not annotation_csvs:
-            raise DataError(
-                "convert-annotations epic needs EPIC_100_train.csv and/or EPIC_100_validation.csv"
-            )
+            raise DataError("convert-annotations epic needs EPIC_100_train.csv and/or EPIC_100_validation.csv")
         out = convert_epic(
             annotation_csvs,
             _one(found, "epic_video_info", "EPIC_100_video_info.csv"),

@@ -207,9 +207,7 @@ def _check_config(cfg: Config) -> None:
     d, name = cfg.dataset, cfg.dataset_name
     where = cfg.source or "config"
     if name not in DATASET_NAMES:
-        raise DataError(
-            f"{where}: dataset_name {name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}"
-        )
+        raise DataError(f"{where}: dataset_name {name!r} is unknown; choose one of {', '.join(DATASET_NAMES)}")
     if not d.json_file:
         raise DataError(f"{where}: dataset.json_file is not set")
     if name == "hacs":
@@ -229,8 +227,7 @@ def _fps_and_duration(cfg: Config, path: Path, video_id: str, entry: dict[str, A
         fps = float(entry["fps"])
     else:
         raise DataError(
-            f"{path}: video {video_id!r} has no valid 'fps' ({entry.get('fps')!r}) and "
-            "dataset.default_fps is not set"
+            f"{path}: video {video_id!r} has no valid 'fps' ({entry.get('fps')!r}) and dataset.default_fps is not set"
         )
     raw = entry.get("duration")
     if raw is None and cfg.dataset_name not in _DURATION_REQUIRED:
@@ -305,9 +302,7 @@ def load_annotations(
     database = _read_database(path)
     label_map = _label_map(path, database, d.num_classes)
     if name in _EXACT_CLASS_COUNT and d.num_classes != 1 and len(label_map) != d.num_classes:
-        raise DataError(
-            f"{path}: {len(label_map)} classes are annotated but dataset.num_classes is {d.num_classes}"
-        )
+        raise DataError(f"{path}: {len(label_map)} classes are annotated but dataset.num_classes is {d.num_classes}")
     size = max(d.num_classes, max(label_map.values(), default=-1) + 1)
     class_names = [f"class_{i}" for i in range(size)]
     for label, label_id in label_map.items():
@@ -362,9 +357,7 @@ def load_annotations(
 
     _log_summary(path, info, examples)
     if not records:
-        skipped = (
-            f"; all {len(info['skipped'])} have no feature file in {d.feat_folder}" if info["skipped"] else ""
-        )
+        skipped = f"; all {len(info['skipped'])} have no feature file in {d.feat_folder}" if info["skipped"] else ""
         raise DataError(
             f"{path}: no videos of subset(s) {', '.join(splits)}{skipped} (subsets in the file: "
             f"{', '.join(sorted(subsets_seen)) or 'none'})"
@@ -458,9 +451,7 @@ def _anet_training_filter(
     return segments, labels[keep]
 
 
-def _hacs_training_filter(
-    segments: np.ndarray, labels: np.ndarray, feat_len: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _hacs_training_filter(segments: np.ndarray, labels: np.ndarray, feat_len: int) -> tuple[np.ndarray, np.ndarray]:
     """REFERENCE.md 9.7: drops actions starting at or after T, clamps ends to T; keeps all if none survive."""
     keep = segments[:, 0] < feat_len
     if not keep.any():
@@ -508,11 +499,7 @@ class VideoDataset:
         if self.cfg.dataset_name != "multithumos":
             return None
         rgb_only = d.rgb_only if d.rgb_only is not None else d.input_dim == 1024
-        how = (
-            "set in the config"
-            if d.rgb_only is not None
-            else f"from input_dim {d.input_dim} (REFERENCE 12.10)"
-        )
+        how = "set in the config" if d.rgb_only is not None else f"from input_dim {d.input_dim} (REFERENCE 12.10)"
         logger.info("multithumos: rgb_only=%s (%s)", rgb_only, how)
         return 1024 if rgb_only else None
 
@@ -556,9 +543,7 @@ class VideoDataset:
                 raise ValueError("a training item needs an rng for its random crop")
             if name == "anet":
                 vid_len = feats.shape[0] + 0.5 * d.num_frames / feat_stride
-                segments, labels = _anet_training_filter(
-                    segments, labels, vid_len, d.trunc_thresh, record.video_id
-                )
+                segments, labels = _anet_training_filter(segments, labels, vid_len, d.trunc_thresh, record.video_id)
             elif name == "hacs":
                 segments, labels = _hacs_training_filter(segments, labels, feats.shape[0])
             feats, segments, labels, _ = truncate_feats(

@@ -120,9 +120,7 @@ def _read_pkl(path: Path, video_id: str, allowed: bool) -> np.ndarray:
         try:
             value = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise _fail(
-                path, video_id, f"unreadable or corrupt .pkl file ({type(e).__name__}: {e})"
-            ) from None
+            raise _fail(path, video_id, f"unreadable or corrupt .pkl file ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict) or not {"slow_feature", "fast_feature"} <= set(value):
         keys = sorted(value) if isinstance(value, dict) else type(value).__name__
         raise _fail(path, video_id, f"expected a dict with 'slow_feature' and 'fast_feature', got {keys}")
@@ -131,9 +129,7 @@ def _read_pkl(path: Path, video_id: str, allowed: bool) -> np.ndarray:
         if part.ndim != 3 or part.shape[0] != 1:
             raise _fail(path, video_id, f"{name} must have shape [1, C, T], got {list(part.shape)}")
     if slow.shape[2] != fast.shape[2]:
-        raise _fail(
-            path, video_id, f"slow_feature has {slow.shape[2]} time steps but fast_feature {fast.shape[2]}"
-        )
+        raise _fail(path, video_id, f"slow_feature has {slow.shape[2]} time steps but fast_feature {fast.shape[2]}")
     return np.concatenate([slow, fast], axis=1)[0].T
 
 
