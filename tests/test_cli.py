@@ -41,11 +41,14 @@ def test_eval_reproduces_reference_map(thumos_small, converted, tmp_path, monkey
             tmp_path / "det.json",
             "--metrics-out",
             tmp_path / "metrics.json",
+            "--plots",
+            tmp_path / "plots",
         ],
         capsys,
     )
     assert code == 0
     assert "mAP (%)" in out
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ["map_vs_tiou.png", "per_class_ap.png"]
     ours = json.loads((tmp_path / "metrics.json").read_text())
     ref = json.loads((thumos_small / "reference_map.json").read_text())
     np.testing.assert_allclose(ours["mAP"], ref["mAP"], atol=1e-4)
