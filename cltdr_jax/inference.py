@@ -42,7 +42,7 @@ def pad_features(feats: np.ndarray, padded_len: int) -> tuple[np.ndarray, np.nda
 def decode_packed(
     outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scores, left, right), each [B, sum_l T_l, C]: every level decoded at once, levels concatenated in time.
+    """(scores, left, right), each [B, sum_l T_l, C]: all levels decoded at once, concatenated in time.
 
     scores = sigmoid(Z) * mask; left / right are segment ends in grid units. The same arithmetic as
     `decoding.trident_distributions`, `trident_offsets` and `refine_offsets` applied level by level (the
@@ -55,7 +55,7 @@ def decode_packed(
     lengths = [s.shape[1] for s in outputs["start_logits"]]
     total = sum(lengths)
     # Per time row: the level's stride, the index within the level, the steps left in the level.
-    stride = np.concatenate([np.full(t, s, np.float32) for t, s in zip(lengths, strides)])
+    stride = np.concatenate([np.full(t, s, np.float32) for t, s in zip(lengths, strides, strict=True)])
     local = np.concatenate([np.arange(t) for t in lengths])
     left_in_level = np.concatenate([np.arange(t, 0, -1) for t in lengths])
     packed = {
@@ -83,34 +83,34 @@ def decode_packed(
         centre_end = jax.lax.dynamic_slice(centre, (0, 0, nb + 1 + k), (b, total, 1))
         return start + centre_start, end + centre_end
 
-    # Three short loops over the bins (a softmax's max, its normaliser, then the expectation): each bin is
-    # recomputed from the logits, so nothing of size [B, T, C, nb + 1] is ever stored, and the loop body
-    # compiles once.
+    # Two short loops over the bins (the softmax's max, then its normaliser and the weighted sum): each bin
+    # is recomputed from the logits, so nothing of size [B, T, C, nb + 1] is ever stored, and the loop
+    # bodies compile once. sum_k p_k w_k is taken as (sum_k u_k w_k) / sum_k u_k: a last-bit difference.
     def max_step(k, tops):
-        return tuple(jnp.maximum(t, x) for t, x in zip(tops, logits_of_bin(k)))
+        return tuple(jnp.maximum(t, x) for t, x in zip(tops, logits_of_bin(k), strict=True))
 
-    first = logits_of_bin(jnp.int32(0))
-    tops = jax.lax.fori_loop(1, nb + 1, max_step, first)
+    # A trip count XLA cannot see keeps the loops rolled: unrolled, the bins' fusions cost seconds of compile.
+    num_bins_rt = jax.lax.optimization_barrier(jnp.int32(nb + 1))
+    tops = jax.lax.fori_loop(1, num_bins_rt, max_step, logits_of_bin(jnp.int32(0)))
 
-    def norm_step(k, norms):
-        return tuple(n + jnp.exp(x - t) for n, x, t in zip(norms, logits_of_bin(k), tops))
-
-    norms = jax.lax.fori_loop(
-        1, nb + 1, norm_step, tuple(jnp.exp(x - t) for x, t in zip(first, tops))
-    )
-
-    def expectation_step(k, sums):
-        p_start, p_end = (jnp.exp(x - t) / n for x, t, n in zip(logits_of_bin(k), tops, norms))
-        # The reference's NaN guard uses the end distribution's mask for both sides (12.13).
-        nan = jnp.isnan(p_end)
+    def sum_step(k, sums):
+        (u_start, u_end) = (jnp.exp(x - t) for x, t in zip(logits_of_bin(k), tops, strict=True))
         k_float = k.astype(jnp.float32)
+        norm_start, norm_end, num_start, num_end = sums
         return (
-            sums[0] + jnp.where(nan, 0.0, p_start) * (nb - k_float),
-            sums[1] + jnp.where(nan, 0.0, p_end) * k_float,
+            norm_start + u_start,
+            norm_end + u_end,
+            num_start + u_start * (nb - k_float),
+            num_end + u_end * k_float,
         )
 
     zero = jnp.zeros((b, total, c), jnp.float32)
-    d_start, d_end = jax.lax.fori_loop(0, nb + 1, expectation_step, (zero, zero))
+    norm_start, norm_end, num_start, num_end = jax.lax.fori_loop(0, num_bins_rt, sum_step, (zero,) * 4)
+    # The reference's NaN guard uses the end distribution's mask for both sides (12.13): p_end is NaN in
+    # some bin exactly when its normaliser is (a NaN or +inf logit in the window), and then in every bin.
+    nan = jnp.isnan(norm_end)
+    d_start = jnp.where(nan, 0.0, num_start / norm_start)
+    d_end = jnp.where(nan, 0.0, num_end / norm_end)
 
     s = jnp.asarray(stride)[None, :, None]
     tau = jnp.asarray(local.astype(np.float32) * stride)[None, :, None]
@@ -126,12 +126,10 @@ def decode_packed(
 def split_levels(packed: tuple, lengths: list[int]) -> list[tuple]:
     """Packed (scores, left, right) [B, sum T_l, C] -> per level (scores, left, right) [B, T_l, C]."""
     bounds = np.cumsum([0, *lengths])
-    return [tuple(a[:, lo:hi] for a in packed) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [tuple(a[:, lo:hi] for a in packed) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def decode_levels(
-    outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int
-) -> list[tuple]:
+def decode_levels(outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int) -> list[tuple]:
     """Per level (scores, left, right), each [B, T_l, C]: sigmoid(Z) * mask and segment ends in grid units."""
     lengths = [s.shape[1] for s in outputs["start_logits"]]
     return split_levels(decode_packed(outputs, strides, num_bins), lengths)
@@ -151,11 +149,28 @@ class Predictor:
             return decode_packed(outputs, cfg.strides, cfg.model.num_bins)
 
         self._forward = jax.jit(forward)
+        self._executables: dict[tuple[int, int], jax.stages.Compiled] = {}
         self.padded_lengths: set[int] = set()
+        self.compile_seconds: dict[int, float] = {}  # padded length -> seconds spent lowering and compiling
 
-    def network(
-        self, feats: np.ndarray, video_id: str = "?"
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def executable(self, padded_len: int, input_dim: int | None = None) -> jax.stages.Compiled:
+        """The network + decoding compiled for inputs [1, padded_len, input_dim] (compiled once, then reused).
+
+        Its `cost_analysis()` gives the FLOPs of one video (scripts/benchmark_inference.py)."""
+        d = self.cfg.dataset.input_dim if input_dim is None else input_dim
+        exe = self._executables.get((padded_len, d))
+        if exe is None:
+            start = time.perf_counter()
+            x = jax.ShapeDtypeStruct((1, padded_len, d), jnp.float32)
+            mask = jax.ShapeDtypeStruct((1, padded_len), jnp.bool_)
+            exe = self._forward.lower(self.params, x, mask).compile()
+            self.compile_seconds[padded_len] = time.perf_counter() - start
+            self._executables[(padded_len, d)] = exe
+            seconds = self.compile_seconds[padded_len]
+            log.debug("compiled the network for padded length %d in %.1f s", padded_len, seconds)
+        return exe
+
+    def network(self, feats: np.ndarray, video_id: str = "?") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per-level (scores, left, right) [T_l, C] numpy arrays for one video's features [T, D_in]."""
         cfg = self.cfg
         t = feats.shape[0]
@@ -171,7 +186,7 @@ class Predictor:
         )
         self.padded_lengths.add(padded)
         x, mask = pad_features(feats, padded)
-        packed = jax.device_get(self._forward(self.params, x, mask))
+        packed = jax.device_get(self.executable(padded, feats.shape[1])(self.params, x, mask))
         lengths = [padded // s for s in cfg.strides]
         out = [(s[0], l[0], r[0]) for s, l, r in split_levels(packed, lengths)]
         if not all(np.isfinite(s).all() for s, _, _ in out):
@@ -183,9 +198,7 @@ class Predictor:
         return video_detections(self.network(feats, video_id), self.cfg.test_cfg)
 
 
-def predict_items(
-    predictor: Predictor, items: Iterable[dict[str, Any]]
-) -> tuple[dict[str, Detections], dict]:
+def predict_items(predictor: Predictor, items: Iterable[dict[str, Any]]) -> tuple[dict[str, Detections], dict]:
     """Predicts dataset items (dicts with video_id, feats, fps, duration, feat_stride, feat_num_frames).
 
     Returns ({video_id: Detections in seconds}, timing statistics).
@@ -201,9 +214,7 @@ def predict_items(
         levels = predictor.network(item["feats"], vid)
         t1 = time.perf_counter()
         dets = video_detections(levels, predictor.cfg.test_cfg)
-        results[vid] = to_seconds(
-            dets, item["fps"], item["feat_stride"], item["feat_num_frames"], item["duration"]
-        )
+        results[vid] = to_seconds(dets, item["fps"], item["feat_stride"], item["feat_num_frames"], item["duration"])
         t2 = time.perf_counter()
         net_time += t1 - t0
         post_time += t2 - t1

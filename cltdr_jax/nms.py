@@ -8,7 +8,8 @@ breaking, but we keep them exactly so that outputs match including ties.
 Here every class is one row of a padded 2-D array and all rows advance together, so each step of the
 loop is a handful of numpy operations over all classes at once. The entries are stored physically in
 position order (no index gathers: the later entries are contiguous slices), finished classes leave the
-working set, and a removal is a few vectorised moves within its row.
+working set, and a removal is a few vectorised moves within its row. `batched_nms` keeps only the overall
+top max_num, so a class stops as soon as nothing it could still emit would make that cut.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 AREA_EPS = np.float32(1e-6)
 # The planes of soft_nms_rows' working array [5, R, M]: one field of every entry, by position.
 _X1, _X2, _AREA, _SCORE, _INDEX = range(5)
+_TOP_K_EVERY = 8  # soft_nms_rows' steps between two top_k tests
 
 
 def _drop_entries(fields: np.ndarray, row: int, start: int, end: int, dropped: np.ndarray) -> int:
@@ -40,13 +42,25 @@ def _drop_entries(fields: np.ndarray, row: int, start: int, end: int, dropped: n
 
 
 def soft_nms_rows(
-    segments: np.ndarray, scores: np.ndarray, counts: np.ndarray, sigma: float, min_score: float
+    segments: np.ndarray,
+    scores: np.ndarray,
+    counts: np.ndarray,
+    sigma: float,
+    min_score: float,
+    *,
+    max_emit: int | None = None,
+    top_k: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Soft-NMS on R independent sets at once.
 
     Args:
       segments: [R, M, 2] float32 (x1, x2); row r holds `counts[r]` valid entries, the rest is padding.
       scores: [R, M] float32.
+      max_emit: stop each row after this many emissions (its first emissions are unchanged).
+      top_k: stop a row as soon as none of its further emissions can rank among the `top_k` highest
+        emitted scores of all rows. A row emits non-increasing scores (decay factors are <= 1), so once
+        its current maximum is below the k-th highest score emitted so far, everything it would still
+        emit ends up below k others. For callers that keep only the overall top k.
     Returns:
       (order [R, M] int: the entry index emitted at each step, out_scores [R, M] float32: its decayed
       score at emission, emitted [R] int: how many entries each row emitted).
@@ -75,13 +89,25 @@ def soft_nms_rows(
     work, n_live = fields, n.copy()
     rows = np.arange(r_count)
     first_end = end = 0  # the smallest and largest count among the live rows (plain ints: cheap tests)
-    for i in range(m):
+    finished_scores: list[np.ndarray] = []  # emissions of the rows that left the working set
+    steps = m if max_emit is None else min(m, max_emit)
+    for i in range(steps):
+        if top_k and i and i % _TOP_K_EVERY == 0 and i * len(live) + sum(map(len, finished_scores)) >= top_k:
+            pool = np.concatenate([work[_SCORE, :, :i].ravel(), *finished_scores])
+            kth = np.partition(pool, len(pool) - top_k)[len(pool) - top_k]
+            hopeless = work[_SCORE, :, i:end].max(axis=1) < kth
+            if hopeless.any():
+                n_live[hopeless] = i
+                n[live[hopeless]] = i
+                first_end = 0
         if i >= first_end:
             # Rows whose count is reached are finished: their planes are final, they leave the working set.
             running = n_live > i
             if not running.all():
                 order[live[~running]] = work[_INDEX, ~running]
                 out_scores[live[~running]] = work[_SCORE, ~running]
+                if top_k:
+                    finished_scores += [work[_SCORE, k, : n_live[k]] for k in np.flatnonzero(~running)]
                 live, work, n_live = live[running], work[:, running], n_live[running]
                 rows = rows[: len(live)]
                 if len(live) == 0:
@@ -121,6 +147,8 @@ def soft_nms_rows(
     if len(live):
         order[live] = work[_INDEX]
         out_scores[live] = work[_SCORE]
+    if max_emit is not None:
+        n = np.minimum(n, max_emit)
     return order, out_scores, n
 
 
@@ -129,19 +157,16 @@ def soft_nms(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One set: returns (indices into the input in emission order, their decayed scores), at most max_num."""
     order, out_scores, n = soft_nms_rows(
-        segments[None], scores[None], np.array([len(scores)]), sigma, min_score
+        segments[None], scores[None], np.array([len(scores)]), sigma, min_score, max_emit=max_num
     )
     k = min(int(n[0]), max_num)
     return order[0, :k], out_scores[0, :k]
 
 
-def box_voting(
-    kept: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, threshold: float
-) -> np.ndarray:
+def box_voting(kept: np.ndarray, candidates: np.ndarray, candidate_scores: np.ndarray, threshold: float) -> np.ndarray:
     """Replace each kept segment by the score-weighted mean of all candidates with IoU >= threshold with it."""
     inter = np.maximum(
-        np.minimum(kept[:, None, 1], candidates[None, :, 1])
-        - np.maximum(kept[:, None, 0], candidates[None, :, 0]),
+        np.minimum(kept[:, None, 1], candidates[None, :, 1]) - np.maximum(kept[:, None, 0], candidates[None, :, 0]),
         0,
     )
     len_k = kept[:, 1] - kept[:, 0]
@@ -183,7 +208,10 @@ def batched_nms(
         for r, idx in enumerate(members):
             padded_segs[r, : len(idx)] = segments[idx]
             padded_scores[r, : len(idx)] = scores[idx]
-        order, out_scores, emitted = soft_nms_rows(padded_segs, padded_scores, counts, sigma, min_score)
+        # Only the max_num best of all classes' emissions are returned: classes stop early past that.
+        order, out_scores, emitted = soft_nms_rows(
+            padded_segs, padded_scores, counts, sigma, min_score, max_emit=max_num, top_k=max_num
+        )
         picked, picked_scores = [], []
         for r, idx in enumerate(members):
             k = min(int(emitted[r]), max_num)

@@ -41,9 +41,14 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+NARROW_CONV_MAX_OUT = 64  # conv1d computes narrower stride-1 convolutions as one matmul over the taps
+
+
 def conv1d(x: Array, kernel: Array, stride: int = 1) -> Array:
     """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O]."""
-    k = kernel.shape[0]
+    k, _, out = kernel.shape
+    if stride == 1 and k > 1 and k % 2 == 1 and out <= NARROW_CONV_MAX_OUT:
+        return _narrow_conv1d(x, kernel)
     return jax.lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
@@ -52,6 +57,24 @@ def conv1d(x: Array, kernel: Array, stride: int = 1) -> Array:
         dimension_numbers=("NWC", "WIO", "NWC"),
         precision=HIGHEST,
     )
+
+
+def _narrow_conv1d(x: Array, kernel: Array) -> Array:
+    """conv1d (stride 1) for few output channels: y[t] = sum_j (x @ kernel[j])[t + j - K//2].
+
+    XLA's CPU convolution is slow for thin outputs (512 -> 20, kernel 3 or 7, the heads' last layers: about
+    a quarter of the float32 matmul rate); one matmul against the taps side by side, [I, K * O], then K
+    shifted adds is 2-4x faster. Only the summation order differs; partial sums stay float32.
+    """
+    k, i, o = kernel.shape
+    t, pad = x.shape[1], k // 2
+    taps = jnp.transpose(kernel.astype(x.dtype), (1, 0, 2)).reshape(i, k * o)
+    z = jnp.matmul(x, taps, precision=HIGHEST, preferred_element_type=jnp.float32)
+    z = jnp.pad(z, ((0, 0), (pad, pad), (0, 0)))
+    y = z[:, 0:t, 0:o]
+    for j in range(1, k):
+        y = y + z[:, j : j + t, j * o : (j + 1) * o]
+    return y.astype(x.dtype)
 
 
 def dense(x: Array, kernel: Array) -> Array:
@@ -125,9 +148,7 @@ class MaskedConv1D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
-        y = Conv1D(
-            self.features, self.kernel_size, use_bias=self.use_bias, bias_init=self.bias_init, name="conv"
-        )(x)
+        y = Conv1D(self.features, self.kernel_size, use_bias=self.use_bias, bias_init=self.bias_init, name="conv")(x)
         return y * mask[..., None].astype(y.dtype)
 
 
