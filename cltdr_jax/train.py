@@ -96,6 +96,12 @@ def init_state(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformation, s
     )
 
 
+def create_state(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformation, seed: int, sharding) -> TrainState:
+    """`init_state` as one compiled program placed straight onto the mesh (eager init runs hundreds of small
+    ops and leaves their memory behind)."""
+    return jax.jit(lambda: init_state(cfg, model, tx, seed), out_shardings=sharding)()
+
+
 def make_train_step(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformation, schedule: optax.Schedule):
     """train_step(state, batch) -> (state, metrics): forward, reference losses, AdamW, EMA."""
     points = np.concatenate(make_points(cfg.dataset.max_seq_len, cfg.strides, cfg.model.regression_range))
@@ -295,7 +301,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         if primary:
             _truncate_log(log_path, latest)
     else:
-        state = jax.device_put(init_state(cfg, model, tx, cfg.init_rand_seed), replicated)
+        state = create_state(cfg, model, tx, cfg.init_rand_seed, replicated)
         data_state = None
         if primary:
             (workdir / "config.yaml").write_text(cfg.to_yaml())

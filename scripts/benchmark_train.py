@@ -53,14 +53,14 @@ def run_variant(config: str, dtype: str, steps: int) -> dict:
     from cltdr_jax.convert import count_params
     from cltdr_jax.model.detector import CLTDRGMG
     from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step
+    from cltdr_jax.train import compile_train_step, create_state, make_mesh, make_train_step
 
     cfg = load_config(config, [f"trainer.compute_dtype={dtype}"])
     b, t, d = cfg.loader.batch_size, cfg.dataset.max_seq_len, cfg.dataset.input_dim
     model = CLTDRGMG(cfg.model, cfg.train_cfg)
     tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
     step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
-    state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
+    state = create_state(cfg, model, tx, 0, replicated)
     rng = np.random.default_rng(0)
     starts = rng.uniform(0, t - 200, (b, 16))
     batch = {
