@@ -235,11 +235,8 @@ def torch_name(path: tuple[str, ...]) -> tuple[str, Callable[[np.ndarray], np.nd
     if leaf == "bias":
         return f"{prefix}.bias", _flat
     if leaf == "kernel":
-        if modules[-1] in ("contrans", "convtrans"):
-            return f"{prefix}.weight", _conv_transpose
-        if modules[-1] in ("conv_l", "attn", "concat_proj"):
-            return f"{prefix}.weight", _conv
-        return f"{prefix}.weight", _conv
+        # Every convolution (1x1 ones included) is a Conv1d [O, I, K], except the transposed up-convolutions.
+        return f"{prefix}.weight", _conv_transpose if modules[-1] in ("contrans", "convtrans") else _conv
     raise KeyError(f"no reference name for parameter {'/'.join(path)}")
 
 

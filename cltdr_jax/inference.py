@@ -173,6 +173,10 @@ class Predictor:
     def network(self, feats: np.ndarray, video_id: str = "?") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per-level (scores, left, right) [T_l, C] numpy arrays for one video's features [T, D_in]."""
         cfg = self.cfg
+        if feats.ndim != 2 or feats.shape[1] != cfg.dataset.input_dim or feats.shape[0] == 0:
+            raise DataError(
+                f"video {video_id!r}: features of shape {feats.shape}, expected [T > 0, {cfg.dataset.input_dim}]"
+            )
         t = feats.shape[0]
         padded = cfg.padded_length(t)
         check_point_buffer(

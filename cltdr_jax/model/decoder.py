@@ -95,9 +95,7 @@ class HeadTrunk(nn.Module):
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
         for j in range(self.num_layers):
-            x = MaskedConv1D(self.features, self.kernel_size, use_bias=not self.with_ln, name=f"head_{j}")(
-                x, mask
-            )
+            x = MaskedConv1D(self.features, self.kernel_size, use_bias=not self.with_ln, name=f"head_{j}")(x, mask)
             if self.with_ln:
                 x = ChannelLayerNorm(name=f"norm_{j}")(x)
             x = jax.nn.relu(x)
@@ -132,7 +130,7 @@ class ClassifierHead(nn.Module):
             bias_init=prior_bias(self.num_classes, self.prior_prob, self.empty_classes),
             name="cls_head",
         )
-        return [final(trunk(f, m), m) for f, m in zip(feats, masks)]
+        return [final(trunk(f, m), m) for f, m in zip(feats, masks, strict=True)]
 
 
 class CentreOffsetHead(nn.Module):
@@ -149,7 +147,7 @@ class CentreOffsetHead(nn.Module):
         trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
         final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, name="offset_head")
         out = []
-        for l, (f, m) in enumerate(zip(feats, masks)):
+        for l, (f, m) in enumerate(zip(feats, masks, strict=True)):
             scale = self.param(f"scale_{l}", constant(1.0), ())
             out.append(jax.nn.relu(scale * final(trunk(f, m), m)))
         return out
@@ -170,9 +168,7 @@ class RefineHead(nn.Module):
     num_levels: int
 
     @nn.compact
-    def __call__(
-        self, feats: list[Array], masks: list[Array]
-    ) -> tuple[list[Array], list[Array], list[Array]]:
+    def __call__(self, feats: list[Array], masks: list[Array]) -> tuple[list[Array], list[Array], list[Array]]:
         for l in range(self.num_levels):
             self.param(f"scale_{l}", constant(1.0), ())
         trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
@@ -180,7 +176,7 @@ class RefineHead(nn.Module):
         end = MaskedConv1D(self.num_classes, 7, name="e_offset_head")
         prob = MaskedConv1D(self.num_classes, self.kernel_size, name="prob_head")
         starts, ends, probs = [], [], []
-        for f, m in zip(feats, masks):
+        for f, m in zip(feats, masks, strict=True):
             h = trunk(f, m)
             starts.append(start(h, m))
             ends.append(end(h, m))

@@ -80,7 +80,7 @@ class CLTDRGMG(nn.Module):
         )(cross_feats, masks)
 
         if m.refine_cls:
-            cls_logits = [a * r for a, r in zip(coarse, refine_prob)]
+            cls_logits = [a * r for a, r in zip(coarse, refine_prob, strict=True)]
         else:
             cls_logits = list(coarse)
         if not m.refine_reg:

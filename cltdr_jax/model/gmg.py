@@ -103,9 +103,7 @@ class GMGBlock(nn.Module):
         o = ChannelLayerNorm(name="ln")(x)
 
         normal = nn.initializers.normal(0.02)
-        conv_init = (
-            nn.initializers.normal(self.init_conv_std) if self.init_conv_std > 0 else nn.initializers.zeros
-        )
+        conv_init = nn.initializers.normal(self.init_conv_std) if self.init_conv_std > 0 else nn.initializers.zeros
         # Branch outputs in the reference's order; with the gate each one multiplies the previous one,
         # so u = o + G + V*G + U*V*G. Without the gate (ablation) they are summed.
         features = []
