@@ -26,7 +26,32 @@ ITEMS = ("params", "train_state", "meta")
 
 def manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=ITEMS)
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "train_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+def _check_shapes(mngr: ocp.CheckpointManager, step: int, expected: Any, where: str, cfg: Config) -> None:
+    """Compares the saved parameter shapes with the config's before restoring, for a message that names
+    every mismatch (orbax itself fails deep inside its readers)."""
+    saved = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(mngr.item_metadata(step)["params"])
+    }
+    wanted = {
+        jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    problems = [f"missing {k} (config needs {v})" for k, v in wanted.items() if k not in saved]
+    problems += [f"unexpected {k} {v}" for k, v in saved.items() if k not in wanted]
+    problems += [
+        f"{k}: checkpoint {saved[k]}, config needs {v}" for k, v in wanted.items() if k in saved and saved[k] != v
+    ]
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"{where}: the checkpoint does not fit the model of config {cfg.source}:\n  {listed}")
 
 
 def _on_local_device(tree: Any) -> Any:
@@ -67,17 +92,21 @@ def load_params(directory: str | Path, cfg: Config, step: int | None = None) -> 
     directory = Path(directory)
     step = latest_step(directory) if step is None else step
     mngr = manager(directory)
+    abstract = abstract_params(cfg)
     try:
+        _check_shapes(mngr, step, abstract, f"{directory}/{step}", cfg)
         restored = mngr.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_on_local_device(abstract_params(cfg))),
+                params=ocp.args.StandardRestore(_on_local_device(abstract)),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-    except Exception as e:  # orbax raises a variety of errors for structure and shape mismatches
+    except CheckpointError:
+        raise
+    except Exception as e:  # unreadable or corrupt checkpoint files
         raise CheckpointError(
-            f"{directory}/{step}: the checkpoint does not fit the model of config {cfg.source}: {e}"
+            f"{directory}/{step}: cannot read the checkpoint: {e}"
         ) from None
     finally:
         mngr.close()
