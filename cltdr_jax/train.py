@@ -298,6 +298,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         state, meta = restore_checkpoint(mngr, abstract, latest)
         data_state = meta["data_iterator"]
         log.info("resuming from the checkpoint at step %d in %s", latest, workdir / "checkpoints")
+        changed = _changed_keys(meta.get("config", {}), cfg.to_dict())
+        if changed:
+            log.warning("the config differs from the one this run started with: %s", ", ".join(changed))
         if primary:
             _truncate_log(log_path, latest)
     else:
@@ -384,6 +387,18 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                 )
         _plot_curves(log_path, workdir / "training_curves.png")
     return summary
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 @contextlib.contextmanager
