@@ -65,10 +65,19 @@ class TrainState:
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host: set CLTDR_DISTRIBUTED=1 (plus JAX's coordinator variables, or run under SLURM/Cloud TPU,
-    where jax.distributed.initialize() finds them itself) on every host."""
-    if os.environ.get("CLTDR_DISTRIBUTED") == "1" and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    """Multi-host training: with CLTDR_DISTRIBUTED=1 on every host, calls jax.distributed.initialize().
+
+    Under SLURM, Open MPI or on Cloud TPU JAX finds the coordinator, process count and id itself; elsewhere
+    set JAX_COORDINATOR_ADDRESS=host0:port, CLTDR_NUM_PROCESSES=N and CLTDR_PROCESS_ID=i (0 .. N-1).
+    """
+    if os.environ.get("CLTDR_DISTRIBUTED") != "1" or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if "CLTDR_NUM_PROCESSES" in os.environ:
+        kwargs["num_processes"] = int(os.environ["CLTDR_NUM_PROCESSES"])
+    if "CLTDR_PROCESS_ID" in os.environ:
+        kwargs["process_id"] = int(os.environ["CLTDR_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh() -> jax.sharding.Mesh:
