@@ -132,8 +132,10 @@ def test_worker_processes_give_the_same_batches(tiny_dataset):
 # The train loop, run as users run it: `cltdr train` in a subprocess.
 
 
-def run_train(config: Path, workdir: Path, *overrides: str, devices: int = 1, wait: bool = True, cache=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+def run_train(config: Path, workdir: Path, *overrides: str, devices: int = 1, wait: bool = True, cache=None, env=None):
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **(env or {})
+    )
     if cache:
         env["CLTDR_XLA_CACHE"] = str(cache)
     args = [sys.executable, "-m", "cltdr_jax.cli", "train", str(config), "--workdir", str(workdir)]
@@ -209,6 +211,40 @@ def test_four_devices_train_like_one(baseline_run, tiny_dataset):
     four, _ = final_params(tiny_dataset, root / "four")  # also: a 4-device checkpoint restores on 1 device
     one, _ = final_params(tiny_dataset, root / "baseline")
     for a, b in zip(four, one, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(baseline_run, tiny_dataset):
+    """Multi-host data parallelism through jax.distributed, as two processes on this machine."""
+    import socket
+
+    root, _ = baseline_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        run_train(
+            tiny_dataset,
+            root / "two_hosts",
+            "trainer.checkpoint_every_steps=2",
+            wait=False,
+            cache=root / "cache",
+            env={
+                "CLTDR_DISTRIBUTED": "1",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "CLTDR_NUM_PROCESSES": "2",
+                "CLTDR_PROCESS_ID": str(i),
+            },
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out
+    two, _ = final_params(tiny_dataset, root / "two_hosts")
+    one, _ = final_params(tiny_dataset, root / "baseline")
+    for a, b in zip(two, one, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
