@@ -212,3 +212,21 @@ def test_cmd_synth_prints_what_it_wrote(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "Validation: 2 videos" in text and "Test: 2 videos" in text
     assert "[T, 8]" in text and str(tmp_path / "config.yaml") in text
+
+
+def test_activitynet_gets_external_class_scores(tmp_path):
+    import yaml
+
+    from cltdr_jax.synth import synthesize
+
+    config = synthesize("activitynet", tmp_path, feature_dim=8, num_videos=60, seed=0, features=False)
+    cfg = yaml.safe_load(config.read_text())
+    scores = json.loads(Path(cfg["test_cfg"]["ext_score_file"]).read_text())["results"]
+    database = json.loads((tmp_path / "annotations.json").read_text())["database"]
+    assert set(scores) == set(database)
+    hits = 0
+    for vid, rec in database.items():
+        ids = [a["label_id"] for a in rec["annotations"]]
+        assert abs(sum(scores[vid]) - 1) < 1e-3
+        hits += int(np.argmax(scores[vid]) == max(set(ids), key=ids.count))
+    assert 0.7 <= hits / len(database) <= 0.97  # like a good but imperfect video classifier (85 %)
