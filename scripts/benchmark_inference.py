@@ -11,7 +11,7 @@ fraction of a float32 2048^3 `jnp.dot` timed in the same run, and the post-proce
 Soft-NMS). Random weights do not give a trained model's scores (the refined logit is a product of two
 random logits: most scores are near 1, every level fills its 2,000 candidates, classes are very
 unequal), so the post-processing time is indicative only; when the golden fixture
-(../shared/fixtures/thumos_small) is present, Soft-NMS is also timed on its trained model's candidates.
+(../shared/fixtures/thumos_small) is present, Soft-NMS is also timed on the reference's own candidates there.
 Peak memory is the process's peak RSS. Timings on shared machines move between runs: compare figures from
 one run only.
 """
@@ -103,7 +103,7 @@ def matmul_roof(repeats: int) -> dict:
 
 
 def time_fixture_nms(cfg, repeats: int) -> dict | None:
-    """Soft-NMS on the largest video of the golden fixture: a trained model's 6,830 candidates."""
+    """Soft-NMS on the largest video of the golden fixture: the reference's 6,830 candidates (5 classes)."""
     path = FIXTURE / "reference_outputs.npz"
     if not path.is_file():
         return None
