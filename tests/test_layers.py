@@ -155,3 +155,16 @@ def test_reference_switch_defaults_are_the_reference_model():
     assert defaults["gmg_branches"] == ("instant", "local", "global") and defaults["gmg_gate"] is True
     assert defaults["cls_fusion_levels"] == ("above",) and defaults["reg_fusion_levels"] == ("below",)
     assert defaults["fusion"] == "attention" and defaults["refine_cls"] and defaults["refine_reg"]
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    from cltdr_jax.model.gmg import DropPath
+
+    x = jnp.ones((400, 3, 2))
+    layer = DropPath(0.25)
+    y = np.asarray(layer.apply({}, x, False, rngs={"droppath": jax.random.key(0)}))
+    per_sample = y.reshape(400, -1)
+    assert set(np.unique(per_sample).round(6)) <= {0.0, round(1 / 0.75, 6)}
+    assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
+    assert 0.65 < (per_sample[:, 0] > 0).mean() < 0.85  # keep probability 0.75
+    np.testing.assert_array_equal(layer.apply({}, x, True), x)  # identity at inference
