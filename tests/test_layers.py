@@ -164,7 +164,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
     layer = DropPath(0.25)
     y = np.asarray(layer.apply({}, x, False, rngs={"droppath": jax.random.key(0)}))
     per_sample = y.reshape(400, -1)
-    assert set(np.unique(per_sample).round(6)) <= {0.0, round(1 / 0.75, 6)}
+    assert all(np.isclose(v, 0.0) or np.isclose(v, 1 / 0.75) for v in np.unique(per_sample))
     assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
     assert 0.65 < (per_sample[:, 0] > 0).mean() < 0.85  # keep probability 0.75
     np.testing.assert_array_equal(layer.apply({}, x, True), x)  # identity at inference
