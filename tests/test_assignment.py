@@ -121,8 +121,8 @@ def test_no_ground_truth_gives_zeros():
 # Golden targets
 
 
-def test_fixture_targets(shared_dir):
-    root = shared_dir / "fixtures/thumos_small"
+def test_fixture_targets(thumos_small):
+    root = thumos_small
     cfg = load_config(root / "config.yaml")
     ref = np.load(root / "reference_outputs.npz")
     points = np.concatenate(make_points(cfg.dataset.max_seq_len, cfg.strides, cfg.model.regression_range))

@@ -176,8 +176,8 @@ def test_fixture_trident_and_decoded_offsets(shared_dir):
     print("max relative error", worst)
 
 
-def test_fixture_points(shared_dir):
-    ref = np.load(shared_dir / "fixtures/thumos_small/reference_outputs.npz")
+def test_fixture_points(thumos_small):
+    ref = np.load(thumos_small / "reference_outputs.npz")
     for v in ref["test/video_ids"]:
         padded = int(ref[f"test/{v}/padded_len"])
         check_point_buffer(padded, STRIDES, 256, 6.0, video_id=v)

@@ -86,8 +86,8 @@ def test_fixture_is_invariant_to_prediction_order(shared_dir):
     )
 
 
-def test_thumos_small_reference_map(shared_dir):
-    fix = shared_dir / "fixtures" / "thumos_small"
+def test_thumos_small_reference_map(thumos_small):
+    fix = thumos_small
     want = json.loads((fix / "reference_map.json").read_text())
     gt = ev.load_ground_truth(fix / "annotations.json", subset="test", protocol="reference")
     preds = ev.load_predictions(fix / "reference_detections.json")

@@ -267,8 +267,8 @@ _FIXTURE_KEYS = {
 
 
 @pytest.mark.parametrize("targets", ["fixture", "assign_targets"])
-def test_fixture_losses(shared_dir, targets):
-    root = shared_dir / "fixtures/thumos_small"
+def test_fixture_losses(thumos_small, targets):
+    root = thumos_small
     cfg = load_config(root / "config.yaml")
     ref = np.load(root / "reference_outputs.npz")
     levels = range(len(cfg.strides))

@@ -118,9 +118,9 @@ def test_deterministic_given_the_generator_and_bounds_inclusive():
     assert starts == {0, 1}
 
 
-def test_reproduces_the_reference_items_of_the_fixture(shared_dir, monkeypatch):
+def test_reproduces_the_reference_items_of_the_fixture(thumos_small, monkeypatch):
     """The fixture's training batches: whole videos (grid mapping) and the reference's own random crops."""
-    fixture = shared_dir / "fixtures" / "thumos_small"
+    fixture = thumos_small
     monkeypatch.chdir(fixture)
     cfg = load_config("config.yaml")
     ds = VideoDataset(cfg, cfg.train_split, training=True)
