@@ -105,9 +105,7 @@ def load_params(directory: str | Path, cfg: Config, step: int | None = None) -> 
     except CheckpointError:
         raise
     except Exception as e:  # unreadable or corrupt checkpoint files
-        raise CheckpointError(
-            f"{directory}/{step}: cannot read the checkpoint: {e}"
-        ) from None
+        raise CheckpointError(f"{directory}/{step}: cannot read the checkpoint: {e}") from None
     finally:
         mngr.close()
     return restored["params"], dict(restored["meta"] or {})
