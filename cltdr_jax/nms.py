@@ -92,7 +92,8 @@ def soft_nms_rows(
     finished_scores: list[np.ndarray] = []  # emissions of the rows that left the working set
     steps = m if max_emit is None else min(m, max_emit)
     for i in range(steps):
-        if top_k and i and i % _TOP_K_EVERY == 0 and i * len(live) + sum(map(len, finished_scores)) >= top_k:
+        # (i < end: when the longest live row ends exactly here, every live row finishes below instead.)
+        if top_k and 0 < i < end and i % _TOP_K_EVERY == 0 and i * len(live) + sum(map(len, finished_scores)) >= top_k:
             pool = np.concatenate([work[_SCORE, :, :i].ravel(), *finished_scores])
             kth = np.partition(pool, len(pool) - top_k)[len(pool) - top_k]
             hopeless = work[_SCORE, :, i:end].max(axis=1) < kth
