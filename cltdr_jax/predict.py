@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ class Prediction:
 
 def _annotation_label_names(json_file: str) -> dict[int, str]:
     """label_id -> class name over the whole annotation file (fused ActivityNet labels need the real names)."""
-    data = json.loads(Path(json_file).read_text())
+    data, _ = evaluation.read_json(json_file, "annotation")
     names = {}
     for entry in data.get("database", {}).values():
         for ann in entry.get("annotations", []):
@@ -86,11 +85,7 @@ def predict_files(cfg: Config, params: Any, paths: list[str], fps: float | None 
 def ground_truth(cfg: Config, split: str, protocol: str) -> evaluation.GroundTruth:
     """The split's GT straight from the annotation file, every video of it (also those without features:
     the reference's evaluator counts them too). Subsets match case-insensitively, as the loaders do."""
-    path = Path(cfg.dataset.json_file)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read the annotation file: {e}") from None
+    data, _ = evaluation.read_json(cfg.dataset.json_file, "annotation")
     database = {
         vid: {**entry, "subset": str(entry.get("subset", "")).lower()}
         for vid, entry in data.get("database", {}).items()

@@ -365,13 +365,12 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
                 save_checkpoint(mngr, state, meta(step, iterator.get_state()))
             if eval_every and step % eval_every == 0 and step != total_steps:
                 result = _evaluate_and_log(cfg, state, step, batches.steps_per_epoch, log_file)
+                if result:
+                    result.pop("detections")
                 history.append(result)
-    final = _evaluate_and_log(cfg, state, total_steps, batches.steps_per_epoch, None) if primary else None
+        final = _evaluate_and_log(cfg, state, total_steps, batches.steps_per_epoch, log_file) if primary else None
     mngr.close()
     detections = final.pop("detections") if final else None
-    for result in history:
-        if result:
-            result.pop("detections")
     summary = {
         "workdir": str(workdir),
         "steps": total_steps,
@@ -383,17 +382,6 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict[str, Any]:
         if final is not None:
             (workdir / "metrics.json").write_text(json.dumps(final, indent=1))
             (workdir / "detections.json").write_text(json.dumps(detections))
-            with open(log_path, "a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": total_steps,
-                            "epoch": total_steps / batches.steps_per_epoch,
-                            "average_mAP": final["average_mAP"],
-                        }
-                    )
-                    + "\n"
-                )
         _plot_curves(log_path, workdir / "training_curves.png")
     return summary
 
@@ -436,11 +424,9 @@ def _evaluate_and_log(cfg: Config, state: TrainState, step: int, steps_per_epoch
         cfg.val_split[0],
         format_table(metrics),
     )
-    if log_file is not None:
-        log_file.write(
-            json.dumps({"step": step, "epoch": step / steps_per_epoch, "average_mAP": metrics["average_mAP"]}) + "\n"
-        )
-        log_file.flush()
+    record = {"step": step, "epoch": step / steps_per_epoch, "average_mAP": metrics["average_mAP"]}
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
     return metrics
 
 
