@@ -12,8 +12,9 @@ import pytest
 
 from cltdr_jax.checkpoint import load_params, save_params
 from cltdr_jax.config import load_config
-from cltdr_jax.convert import convert_checkpoint, count_params, read_state_dict
+from cltdr_jax.convert import convert_checkpoint, count_params
 from cltdr_jax.errors import CheckpointError
+from cltdr_jax.torch_files import read_state_dict
 
 
 @pytest.fixture(scope="module")
