@@ -1,19 +1,26 @@
 """Inference over videos: padding exactly as the reference, one compiled function per padded length.
 
     predictor = Predictor(cfg, params)
-    dets = predictor.predict(feats)          # feats [T, D_in] -> Detections in grid units
+    dets = predictor.predict(feats)                     # feats [T, D_in] -> Detections in grid units
+    results, stats = predict_items(predictor, items)   # many videos -> {video_id: Detections in seconds}
 
-The network and the offset decoding run under one `jax.jit`; candidate selection and Soft-NMS run on the
-host in numpy. `jax.jit` caches one executable per input shape, and the padded length (REFERENCE.md 3) is
-the only shape that varies, so a split compiles once per distinct padded length; with the persistent
-compilation cache (`xla_cache`) a second run compiles nothing.
+The network and the Trident decoding (`model.trident.scored_segments`) run under one `jax.jit`; candidate
+selection and Soft-NMS (`postprocess`, `nms`) run on the host in numpy. The padded length (REFERENCE.md 3)
+is the only shape that varies, so a split compiles once per distinct padded length, and with the persistent
+compilation cache (`xla_cache`) a second run compiles nothing. The parameters are placed on the device once
+(`Predictor.params` can be replaced, e.g. by training's evaluations, without recompiling). `predict_items`
+keeps the device busy: it dispatches the next batch's network before the host post-processes the current
+one, and batches videos of equal padded length (`batch_size`; each video keeps its own padding and mask, so
+a batch gives the detections of batch size 1 up to float32 rounding).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -21,106 +28,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from cltdr_jax.config import Config
-from cltdr_jax.decoding import check_point_buffer
 from cltdr_jax.errors import DataError
 from cltdr_jax.model.detector import CLTDRGMG
+from cltdr_jax.model.trident import scored_segments
+from cltdr_jax.points import check_point_buffer
 from cltdr_jax.postprocess import Detections, to_seconds, video_detections
 
 log = logging.getLogger(__name__)
 
 
-def pad_features(feats: np.ndarray, padded_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-pads [T, D] on the right to [1, padded_len, D]; mask [1, padded_len] is True on the T valid steps."""
-    t, d = feats.shape
-    x = np.zeros((1, padded_len, d), np.float32)
-    x[0, :t] = feats
-    mask = np.zeros((1, padded_len), bool)
-    mask[0, :t] = True
+def pad_batch(
+    feats: Sequence[np.ndarray], padded_len: int, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pads videos [T_i, D] on the right into [batch_size, padded_len, D] (default: one row per video);
+    mask [batch_size, padded_len] is True on each video's T_i valid steps. Rows past the videos stay empty."""
+    rows = len(feats) if batch_size is None else batch_size
+    x = np.zeros((rows, padded_len, feats[0].shape[1]), np.float32)
+    mask = np.zeros((rows, padded_len), bool)
+    for i, f in enumerate(feats):
+        x[i, : len(f)] = f
+        mask[i, : len(f)] = True
     return x, mask
 
 
-def decode_packed(
-    outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(scores, left, right), each [B, sum_l T_l, C]: all levels decoded at once, concatenated in time.
-
-    scores = sigmoid(Z) * mask; left / right are segment ends in grid units. The same arithmetic as
-    `decoding.trident_distributions`, `trident_offsets` and `refine_offsets` applied level by level (the
-    sums over the nb + 1 bins may round in another order), written so that XLA fuses it into one loop over
-    [B, T, C] arrays: the bins are nb + 1 separate arrays, not a minor axis of 17, and a window that would
-    leave its level reads a zero logit, as in the per-level version. One fusion instead of one per level
-    and bin also compiles seconds faster.
-    """
-    nb = num_bins
-    lengths = [s.shape[1] for s in outputs["start_logits"]]
-    total = sum(lengths)
-    # Per time row: the level's stride, the index within the level, the steps left in the level.
-    stride = np.concatenate([np.full(t, s, np.float32) for t, s in zip(lengths, strides, strict=True)])
-    local = np.concatenate([np.arange(t) for t in lengths])
-    left_in_level = np.concatenate([np.arange(t, 0, -1) for t in lengths])
-    packed = {
-        k: jnp.concatenate(outputs[k], axis=1)
-        for k in ("start_logits", "end_logits", "reg_offsets", "refine_start", "refine_end", "cls_logits")
-    }
-    mask = jnp.concatenate(outputs["masks"], axis=1)[..., None]
-
-    local_rows = jnp.asarray(local)[None, :, None]
-    left_rows = jnp.asarray(left_in_level)[None, :, None]
-    start_pad = jnp.pad(packed["start_logits"], ((0, 0), (nb, 0), (0, 0)))
-    end_pad = jnp.pad(packed["end_logits"], ((0, 0), (0, nb), (0, 0)))
-    centre = packed["reg_offsets"]
-    b, _, c = packed["start_logits"].shape
-
-    def logits_of_bin(k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Bin k's logits [B, T, C] of both sides: boundary logit of the window cell plus the centre logit.
-
-        Start bin k looks at t - nb + k, end bin k at t + k; a cell outside the level has a zero logit."""
-        start = jax.lax.dynamic_slice(start_pad, (0, k, 0), (b, total, c))
-        start = jnp.where(local_rows >= nb - k, start, 0.0)
-        end = jax.lax.dynamic_slice(end_pad, (0, k, 0), (b, total, c))
-        end = jnp.where(left_rows > k, end, 0.0)
-        centre_start = jax.lax.dynamic_slice(centre, (0, 0, k), (b, total, 1))
-        centre_end = jax.lax.dynamic_slice(centre, (0, 0, nb + 1 + k), (b, total, 1))
-        return start + centre_start, end + centre_end
-
-    # Two short loops over the bins (the softmax's max, then its normaliser and the weighted sum): each bin
-    # is recomputed from the logits, so nothing of size [B, T, C, nb + 1] is ever stored, and the loop
-    # bodies compile once. sum_k p_k w_k is taken as (sum_k u_k w_k) / sum_k u_k: a last-bit difference.
-    def max_step(k, tops):
-        return tuple(jnp.maximum(t, x) for t, x in zip(tops, logits_of_bin(k), strict=True))
-
-    # A trip count XLA cannot see keeps the loops rolled: unrolled, the bins' fusions cost seconds of compile.
-    num_bins_rt = jax.lax.optimization_barrier(jnp.int32(nb + 1))
-    tops = jax.lax.fori_loop(1, num_bins_rt, max_step, logits_of_bin(jnp.int32(0)))
-
-    def sum_step(k, sums):
-        (u_start, u_end) = (jnp.exp(x - t) for x, t in zip(logits_of_bin(k), tops, strict=True))
-        k_float = k.astype(jnp.float32)
-        norm_start, norm_end, num_start, num_end = sums
-        return (
-            norm_start + u_start,
-            norm_end + u_end,
-            num_start + u_start * (nb - k_float),
-            num_end + u_end * k_float,
-        )
-
-    zero = jnp.zeros((b, total, c), jnp.float32)
-    norm_start, norm_end, num_start, num_end = jax.lax.fori_loop(0, num_bins_rt, sum_step, (zero,) * 4)
-    # The reference's NaN guard uses the end distribution's mask for both sides (12.13): p_end is NaN in
-    # some bin exactly when its normaliser is (a NaN or +inf logit in the window), and then in every bin.
-    nan = jnp.isnan(norm_end)
-    d_start = jnp.where(nan, 0.0, num_start / norm_start)
-    d_end = jnp.where(nan, 0.0, num_end / norm_end)
-
-    s = jnp.asarray(stride)[None, :, None]
-    tau = jnp.asarray(local.astype(np.float32) * stride)[None, :, None]
-    # refine_offsets, in the reference's operation order.
-    left = tau - d_start * s + packed["refine_start"]
-    right = tau + d_end * s + packed["refine_end"]
-    delta_start = jnp.maximum(0.0, (tau - left) / s)
-    delta_end = jnp.maximum(0.0, (right - tau) / s)
-    scores = jax.nn.sigmoid(packed["cls_logits"]) * mask
-    return scores, tau - delta_start * s, tau + delta_end * s
+def pad_features(feats: np.ndarray, padded_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One video [T, D] -> [1, padded_len, D] and its mask [1, padded_len]."""
+    return pad_batch([feats], padded_len)
 
 
 def split_levels(packed: tuple, lengths: list[int]) -> list[tuple]:
@@ -129,49 +62,74 @@ def split_levels(packed: tuple, lengths: list[int]) -> list[tuple]:
     return [tuple(a[:, lo:hi] for a in packed) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def decode_levels(outputs: dict[str, list[jax.Array]], strides: tuple[int, ...], num_bins: int) -> list[tuple]:
-    """Per level (scores, left, right), each [B, T_l, C]: sigmoid(Z) * mask and segment ends in grid units."""
-    lengths = [s.shape[1] for s in outputs["start_logits"]]
-    return split_levels(decode_packed(outputs, strides, num_bins), lengths)
+def default_batch_size() -> int:
+    """Videos per network call: 1 on a CPU (no gain from batching, more memory), 4 on accelerators."""
+    return 1 if jax.default_backend() == "cpu" else 4
+
+
+LevelOutputs = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per level (scores, left, right) [T_l, C]
+
+
+@dataclass
+class _Pending:
+    """A dispatched network call: device arrays not yet read back."""
+
+    video_ids: list[str]
+    padded_len: int
+    packed: tuple[jax.Array, jax.Array, jax.Array]
 
 
 class Predictor:
-    """Runs the detector on single videos (batch size 1, as the reference does at test time)."""
+    """Runs the detector on videos, `batch_size` videos of one padded length per call."""
 
-    def __init__(self, cfg: Config, params: Any):
+    def __init__(self, cfg: Config, params: Any, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
+        self.batch_size = batch_size
         self.params = params
         model = CLTDRGMG(cfg.model, cfg.train_cfg)
 
         def forward(params, feats, mask):
             outputs = model.apply({"params": params}, feats, mask)
             # Packed over levels: three transfers instead of three per level; split on the host (views).
-            return decode_packed(outputs, cfg.strides, cfg.model.num_bins)
+            return scored_segments(outputs, cfg.strides, cfg.model.num_bins)
 
         self._forward = jax.jit(forward)
-        self._executables: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._executables: dict[tuple[int, int], Any] = {}
         self.padded_lengths: set[int] = set()
         self.compile_seconds: dict[int, float] = {}  # padded length -> seconds spent lowering and compiling
 
-    def executable(self, padded_len: int, input_dim: int | None = None) -> jax.stages.Compiled:
-        """The network + decoding compiled for inputs [1, padded_len, input_dim] (compiled once, then reused).
+    @property
+    def params(self) -> Any:
+        return self._params
 
-        Its `cost_analysis()` gives the FLOPs of one video (scripts/benchmark_inference.py)."""
+    @params.setter
+    def params(self, params: Any) -> None:
+        # Once per run (or per evaluation during training), not once per video.
+        self._params = jax.device_put(params)
+
+    def executable(self, padded_len: int, input_dim: int | None = None) -> Any:
+        """The network + decoding compiled for inputs [batch_size, padded_len, input_dim] (compiled once).
+
+        Called as `executable(params, feats, mask)`. Its `cost_analysis()` gives the FLOPs of one call
+        (scripts/benchmark_inference.py)."""
         d = self.cfg.dataset.input_dim if input_dim is None else input_dim
         exe = self._executables.get((padded_len, d))
         if exe is None:
             start = time.perf_counter()
-            x = jax.ShapeDtypeStruct((1, padded_len, d), jnp.float32)
-            mask = jax.ShapeDtypeStruct((1, padded_len), jnp.bool_)
+            x = jax.ShapeDtypeStruct((self.batch_size, padded_len, d), jnp.float32)
+            mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
             exe = self._forward.lower(self.params, x, mask).compile()
             self.compile_seconds[padded_len] = time.perf_counter() - start
             self._executables[(padded_len, d)] = exe
-            seconds = self.compile_seconds[padded_len]
-            log.debug("compiled the network for padded length %d in %.1f s", padded_len, seconds)
+            log.debug(
+                "compiled the network for padded length %d in %.1f s", padded_len, self.compile_seconds[padded_len]
+            )
         return exe
 
-    def network(self, feats: np.ndarray, video_id: str = "?") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per-level (scores, left, right) [T_l, C] numpy arrays for one video's features [T, D_in]."""
+    def padded_length(self, feats: np.ndarray, video_id: str = "?") -> int:
+        """Checks one video's features [T, D_in] and returns its padded length (REFERENCE.md 3)."""
         cfg = self.cfg
         if feats.ndim != 2 or feats.shape[1] != cfg.dataset.input_dim or feats.shape[0] == 0:
             raise DataError(
@@ -188,14 +146,39 @@ class Predictor:
             input_len=t,
             extend=cfg.model.extend_point_buffer,
         )
+        return padded
+
+    def dispatch(self, videos: Sequence[tuple[str, np.ndarray]]) -> _Pending:
+        """Starts the network on up to `batch_size` videos `(video_id, feats [T, D_in])` of one padded length.
+
+        Returns at once (JAX dispatches asynchronously); `collect` waits for the result. A batch that is not
+        full is completed with empty videos (all-False masks), so that one program serves every call."""
+        if not 0 < len(videos) <= self.batch_size:
+            raise ValueError(f"dispatch takes 1 to {self.batch_size} videos, got {len(videos)}")
+        lengths = {self.padded_length(feats, vid) for vid, feats in videos}
+        if len(lengths) != 1:
+            raise ValueError(f"one batch needs one padded length, got {sorted(lengths)}")
+        padded = lengths.pop()
         self.padded_lengths.add(padded)
-        x, mask = pad_features(feats, padded)
-        packed = jax.device_get(self.executable(padded, feats.shape[1])(self.params, x, mask))
-        lengths = [padded // s for s in cfg.strides]
-        out = [(s[0], l[0], r[0]) for s, l, r in split_levels(packed, lengths)]
-        if not all(np.isfinite(s).all() for s, _, _ in out):
-            raise DataError(f"video {video_id!r}: the network produced NaN/Inf scores")
+        x, mask = pad_batch([feats for _, feats in videos], padded, self.batch_size)
+        packed = self.executable(padded, x.shape[2])(self.params, x, mask)
+        return _Pending([vid for vid, _ in videos], padded, packed)
+
+    def collect(self, pending: _Pending) -> list[LevelOutputs]:
+        """Waits for a dispatched call; per video, per level (scores, left, right) numpy [T_l, C]."""
+        packed = jax.device_get(pending.packed)
+        levels = split_levels(packed, [pending.padded_len // s for s in self.cfg.strides])
+        out = []
+        for i, vid in enumerate(pending.video_ids):
+            video = [(s[i], l[i], r[i]) for s, l, r in levels]
+            if not all(np.isfinite(s).all() for s, _, _ in video):
+                raise DataError(f"video {vid!r}: the network produced NaN/Inf scores")
+            out.append(video)
         return out
+
+    def network(self, feats: np.ndarray, video_id: str = "?") -> LevelOutputs:
+        """Per-level (scores, left, right) [T_l, C] numpy arrays for one video's features [T, D_in]."""
+        return self.collect(self.dispatch([(video_id, feats)]))[0]
 
     def predict(self, feats: np.ndarray, video_id: str = "?") -> Detections:
         """Detections of one video in feature-grid units."""
@@ -205,40 +188,72 @@ class Predictor:
 def predict_items(predictor: Predictor, items: Iterable[dict[str, Any]]) -> tuple[dict[str, Detections], dict]:
     """Predicts dataset items (dicts with video_id, feats, fps, duration, feat_stride, feat_num_frames).
 
-    Returns ({video_id: Detections in seconds}, timing statistics).
+    Returns ({video_id: Detections in seconds}, timing statistics), videos in input order. Videos wait
+    until `predictor.batch_size` of their padded length are there (the rest go at the end); one call is
+    always in flight while the host post-processes the one before.
     """
     from cltdr_jax.xla_cache import compile_counts
 
     before = compile_counts()
-    results, net_time, post_time, count = {}, 0.0, 0.0, 0
+    order: list[str] = []
+    meta: dict[str, dict[str, Any]] = {}
+    results: dict[str, Detections] = {}
+    waiting: dict[int, list[tuple[str, np.ndarray]]] = {}
+    in_flight: deque[_Pending] = deque()
+    timing = {"network": 0.0, "postprocess": 0.0}
     start = time.perf_counter()
+
+    def finish(pending: _Pending) -> None:
+        t0 = time.perf_counter()
+        outputs = predictor.collect(pending)
+        t1 = time.perf_counter()
+        for vid, levels in zip(pending.video_ids, outputs, strict=True):
+            item = meta.pop(vid)
+            dets = video_detections(levels, predictor.cfg.test_cfg)
+            results[vid] = to_seconds(dets, item["fps"], item["feat_stride"], item["feat_num_frames"], item["duration"])
+        timing["network"] += t1 - t0
+        timing["postprocess"] += time.perf_counter() - t1
+        if len(results) // 50 > (len(results) - len(pending.video_ids)) // 50:
+            log.info("predicted %d videos (%.1f videos/s)", len(results), len(results) / (time.perf_counter() - start))
+
+    def launch(batch: list[tuple[str, np.ndarray]]) -> None:
+        t0 = time.perf_counter()
+        in_flight.append(predictor.dispatch(batch))
+        timing["network"] += time.perf_counter() - t0
+        while len(in_flight) > 1:
+            finish(in_flight.popleft())
+
     for item in items:
         vid = item["video_id"]
-        t0 = time.perf_counter()
-        levels = predictor.network(item["feats"], vid)
-        t1 = time.perf_counter()
-        dets = video_detections(levels, predictor.cfg.test_cfg)
-        results[vid] = to_seconds(dets, item["fps"], item["feat_stride"], item["feat_num_frames"], item["duration"])
-        t2 = time.perf_counter()
-        net_time += t1 - t0
-        post_time += t2 - t1
-        count += 1
-        if count % 50 == 0:
-            log.info("predicted %d videos (%.1f videos/s)", count, count / (time.perf_counter() - start))
+        if vid in meta or vid in results:
+            raise DataError(f"video {vid!r} is given twice")
+        order.append(vid)
+        meta[vid] = {k: v for k, v in item.items() if k != "feats"}
+        group = waiting.setdefault(predictor.padded_length(item["feats"], vid), [])
+        group.append((vid, item["feats"]))
+        if len(group) == predictor.batch_size:
+            launch(waiting.pop(predictor.padded_length(item["feats"], vid)))
+    for group in waiting.values():
+        launch(group)
+    while in_flight:
+        finish(in_flight.popleft())
+
     after = compile_counts()
     stats = {
-        "videos": count,
+        "videos": len(order),
+        "batch_size": predictor.batch_size,
         "padded_lengths": sorted(predictor.padded_lengths),
         "compilations": after["compiled"] - before["compiled"],
         "compilation_cache_hits": after["cache_hits"] - before["cache_hits"],
-        "network_seconds": net_time,
-        "postprocess_seconds": post_time,
+        "network_seconds": timing["network"],
+        "postprocess_seconds": timing["postprocess"],
+        "seconds": time.perf_counter() - start,
     }
     log.info(
         "%d videos, %d distinct padded lengths: %d XLA compilations, %d loaded from the compilation cache",
-        count,
+        len(order),
         len(predictor.padded_lengths),
         stats["compilations"],
         stats["compilation_cache_hits"],
     )
-    return results, stats
+    return {vid: results[vid] for vid in order}, stats

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from cltdr_jax.config import ModelConfig, TrainConfig
-from cltdr_jax.decoding import refine_offsets, trident_distributions, trident_offsets
+from cltdr_jax.model.trident import decode
 
 Array = jax.Array
 
@@ -83,28 +83,6 @@ _CLS_LOSSES = {"focal": sigmoid_focal_loss, "varifocal": varifocal_loss}
 # Detection losses
 
 
-def decode_levels(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int) -> tuple[Array, Array]:
-    """Coarse and refined offsets of every level, concatenated: `(coarse, refined)`, each `[B, N, C, 2]`.
-
-    Each level is decoded on its own so that the boundary windows do not cross levels.
-    """
-    coarse, refined = [], []
-    for level, stride in enumerate(strides):
-        p_start, p_end = trident_distributions(
-            outputs["start_logits"][level],
-            outputs["end_logits"][level],
-            outputs["reg_offsets"][level],
-            num_bins,
-        )
-        d_start, d_end = trident_offsets(p_start, p_end)
-        delta_start, delta_end = refine_offsets(
-            d_start, d_end, outputs["refine_start"][level], outputs["refine_end"][level], stride
-        )
-        coarse.append(jnp.stack([d_start, d_end], axis=-1))
-        refined.append(jnp.stack([delta_start, delta_end], axis=-1))
-    return jnp.concatenate(coarse, axis=1), jnp.concatenate(refined, axis=1)
-
-
 def detection_losses(
     outputs: Mapping[str, Sequence[Array]],
     cls_targets: Array,
@@ -142,7 +120,9 @@ def detection_losses(
     pairs = pos[..., None] & (cls_targets > 0)  # [B, N, C]
     num_pos = jnp.sum(pos)
 
-    coarse_offsets, refined_offsets = decode_levels(outputs, strides, cfg_model.num_bins)
+    decoded = decode(outputs, strides, cfg_model.num_bins)
+    coarse_offsets = jnp.stack([decoded.d_start, decoded.d_end], axis=-1)  # [B, N, C, 2]
+    refined_offsets = jnp.stack([decoded.delta_start, decoded.delta_end], axis=-1)
     pair_target = jnp.broadcast_to(reg_targets[:, :, None, :], refined_offsets.shape)
 
     def pair_safe(offsets: Array) -> tuple[Array, Array]:

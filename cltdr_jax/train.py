@@ -35,7 +35,7 @@ from cltdr_jax import checkpoint as ckpt
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import Config
 from cltdr_jax.data.datasets import VideoDataset
-from cltdr_jax.decoding import make_points
+from cltdr_jax.points import make_points
 from cltdr_jax.errors import CltdrError
 from cltdr_jax.input_pipeline import TrainBatches
 from cltdr_jax.losses import detection_losses

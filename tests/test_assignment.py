@@ -9,7 +9,7 @@ import numpy as np
 
 from cltdr_jax.assignment import assign_targets, assign_targets_batch
 from cltdr_jax.config import load_config
-from cltdr_jax.decoding import make_points
+from cltdr_jax.points import make_points
 
 C = 5
 

@@ -12,7 +12,7 @@ import pytest
 
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import ModelConfig, TrainConfig, load_config
-from cltdr_jax.decoding import make_points
+from cltdr_jax.points import make_points
 from cltdr_jax.losses import (
     detection_losses,
     diou_loss_1d,

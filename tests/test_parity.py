@@ -11,7 +11,8 @@ import pytest
 
 from cltdr_jax.config import load_config
 from cltdr_jax.convert import convert_checkpoint
-from cltdr_jax.inference import decode_levels, pad_features
+from cltdr_jax.inference import pad_features, split_levels
+from cltdr_jax.model.trident import scored_segments
 from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.postprocess import Detections, level_candidates, to_seconds, video_detections
 
@@ -50,13 +51,14 @@ def run_fixture(fixture_dir, weights: str, max_videos: int | None = None):
     @jax.jit
     def forward(params, x, mask):
         out = model.apply({"params": params}, x, mask)
-        return out, decode_levels(out, cfg.strides, cfg.model.num_bins)
+        return out, scored_segments(out, cfg.strides, cfg.model.num_bins)
 
     videos = {}
     for vid in list(map(str, ref["test/video_ids"]))[:max_videos]:
         feats = np.load(fixture_dir / "features" / f"{vid}.npy")
         x, mask = pad_features(feats, cfg.padded_length(len(feats)))
-        out, levels = jax.device_get(forward(params, x, mask))
+        out, packed = jax.device_get(forward(params, x, mask))
+        levels = split_levels(packed, [m.shape[1] for m in out["masks"]])
         videos[vid] = (out, [(s[0], l[0], r[0]) for s, l, r in levels], len(feats))
     return cfg, ref, videos
 
@@ -79,7 +81,8 @@ def test_every_level_output_matches_reference(ema_run, name):
         for l in range(cfg.num_levels):
             ours = np.asarray(out[DENSE[name]][l][0]).T
             err = relative_error(ours, ref[f"test/{vid}/{name}_L{l}"])
-            assert err <= 1e-4, f"{vid} {name} level {l}: relative error {err:.2e}"
+            # The README states 2.0e-6 measured; 2e-5 leaves room for another compiler's fusion choices.
+            assert err <= 2e-5, f"{vid} {name} level {l}: relative error {err:.2e}"
 
 
 def test_masks_match_reference(ema_run):
@@ -159,7 +162,7 @@ def test_detections_match_reference(ema_run, thumos_small):
         assert len(dets) == len(reference[vid]), vid
         total += len(dets)
         matched += match_detections(dets, reference[vid])
-    assert matched >= 0.99 * total, f"only {matched} of {total} detections match"
+    assert matched == total, f"only {matched} of {total} detections match"
 
 
 def test_state_dict_weights_fail_the_comparison(thumos_small):

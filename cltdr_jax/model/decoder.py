@@ -1,4 +1,6 @@
-"""The CLTDR decoder: decoupled features (DCM, DRM), cross-layer fusion (CLFF) and the heads.
+"""The CLTDR decoder: decoupled features (DCM, DRM), cross-layer fusion (CLFF), classification and refine heads.
+
+The Trident head and its decoding live in `trident.py`.
 
 REFERENCE.md 5.1-5.6. DCM, DRM and CLFF use plain convolutions with biases and no masking, and one
 parameter set shared by all levels; the heads use masked convolutions, so their outputs are exactly 0 at
@@ -111,7 +113,8 @@ def prior_bias(num_classes: int, prior: float, empty_classes: tuple[int, ...]) -
 
 
 class ClassifierHead(nn.Module):
-    """Trunk + one masked conv to `num_classes` logits. Used as cls_head and as the Trident start/end heads."""
+    """Trunk + one masked conv to `num_classes` logits: the classification head (and, in `trident.py`, the
+    Trident boundary heads, which the reference builds from the same class)."""
 
     head_dim: int
     num_classes: int
@@ -131,26 +134,6 @@ class ClassifierHead(nn.Module):
             name="cls_head",
         )
         return [final(trunk(f, m), m) for f, m in zip(feats, masks, strict=True)]
-
-
-class CentreOffsetHead(nn.Module):
-    """Trident centre-offset head: ReLU(kappa_l * conv(trunk(F^reg_l))), [B, T_l, 2 (nb + 1)] per level."""
-
-    head_dim: int
-    num_bins: int
-    kernel_size: int
-    num_layers: int
-    with_ln: bool
-
-    @nn.compact
-    def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
-        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
-        final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, name="offset_head")
-        out = []
-        for l, (f, m) in enumerate(zip(feats, masks, strict=True)):
-            scale = self.param(f"scale_{l}", constant(1.0), ())
-            out.append(jax.nn.relu(scale * final(trunk(f, m), m)))
-        return out
 
 
 class RefineHead(nn.Module):

@@ -22,14 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from cltdr_jax.config import ModelConfig, TrainConfig
-from cltdr_jax.model.decoder import (
-    CentreOffsetHead,
-    ClassifierHead,
-    CrossLevelFusion,
-    DecoupledFusion,
-    RefineHead,
-)
+from cltdr_jax.model.decoder import ClassifierHead, CrossLevelFusion, DecoupledFusion, RefineHead
 from cltdr_jax.model.encoder import Encoder
+from cltdr_jax.model.trident import TridentHead
 
 Array = jax.Array
 
@@ -49,26 +44,28 @@ class CLTDRGMG(nn.Module):
         reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, name="dereg")(fpn)
         cross_feats = CrossLevelFusion(name="cross_level")(fpn)
 
-        def classifier(kernel: int, name: str) -> ClassifierHead:
-            return ClassifierHead(
-                m.head_dim,
-                m.num_classes,
-                kernel,
-                trunk_layers,
-                m.head_with_ln,
-                t.cls_prior_prob,
-                tuple(t.head_empty_cls),
-                name=name,
-            )
-
-        coarse = classifier(m.head_kernel_size, "cls_head")(cls_feats, masks)
-        # The boundary heads read the neck features with the gradient stopped (REFERENCE.md 12.14).
-        detached = [jax.lax.stop_gradient(f) for f in fpn]
-        start = classifier(m.boudary_kernel_size, "start_head")(detached, masks)
-        end = classifier(m.boudary_kernel_size, "end_head")(detached, masks)
-        offsets = CentreOffsetHead(
-            m.head_dim, m.num_bins, m.head_kernel_size, trunk_layers, m.head_with_ln, name="reg_head"
-        )(reg_feats, masks)
+        coarse = ClassifierHead(
+            m.head_dim,
+            m.num_classes,
+            m.head_kernel_size,
+            trunk_layers,
+            m.head_with_ln,
+            t.cls_prior_prob,
+            tuple(t.head_empty_cls),
+            name="cls_head",
+        )(cls_feats, masks)
+        start, end, offsets = TridentHead(
+            m.head_dim,
+            m.num_classes,
+            m.num_bins,
+            m.head_kernel_size,
+            m.boudary_kernel_size,
+            trunk_layers,
+            m.head_with_ln,
+            t.cls_prior_prob,
+            tuple(t.head_empty_cls),
+            name="trident",
+        )(fpn, reg_feats, masks)
         refine_start, refine_end, refine_prob = RefineHead(
             m.head_dim,
             m.num_classes,

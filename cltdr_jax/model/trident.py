@@ -1,0 +1,210 @@
+"""The Trident head: boundary heads, centre-offset head and the one decoder (REFERENCE.md 5.7, 5.8).
+
+    start, end, offsets = TridentHead(...)(fpn_feats, reg_feats, masks)     # per-level lists
+    decoded = decode(outputs, strides, num_bins)                             # all levels at once
+
+A boundary is predicted as a distribution over nb + 1 bins: bin k of the start side looks at the start
+logit of time t - nb + k (distance nb - k), bin k of the end side at the end logit of t + k (distance k),
+each plus a class-agnostic centre-offset logit. The expected distances are then shifted by the RefineHead.
+
+The decoder works on all levels packed along time (`[B, N, C]`, N = sum_l T_l, finest level first), so
+training and inference run the same few fusions, whatever the number of levels; a window that would leave
+its level reads a zero logit, exactly as when each level is decoded on its own. It is plain jnp code
+without loops, so reverse-mode differentiation goes through it (the losses train the heads through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cltdr_jax.model.decoder import ClassifierHead, HeadTrunk
+from cltdr_jax.model.layers import MaskedConv1D, constant
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------
+# The heads (5.7)
+
+
+class CentreOffsetHead(nn.Module):
+    """Centre-offset head: ReLU(kappa_l * conv(trunk(F^reg_l))), `[B, T_l, 2 (nb + 1)]` per level."""
+
+    head_dim: int
+    num_bins: int
+    kernel_size: int
+    num_layers: int
+    with_ln: bool
+
+    @nn.compact
+    def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
+        final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, name="offset_head")
+        out = []
+        for l, (f, m) in enumerate(zip(feats, masks, strict=True)):
+            scale = self.param(f"scale_{l}", constant(1.0), ())
+            out.append(jax.nn.relu(scale * final(trunk(f, m), m)))
+        return out
+
+
+class TridentHead(nn.Module):
+    """Start and end boundary heads (per-class logits, like the classifier) and the centre-offset head.
+
+    Returns per-level lists `(start_logits, end_logits [B, T_l, C], reg_offsets [B, T_l, 2 (nb + 1)])`.
+    """
+
+    head_dim: int
+    num_classes: int
+    num_bins: int
+    kernel_size: int
+    boundary_kernel_size: int
+    num_layers: int
+    with_ln: bool
+    prior_prob: float
+    empty_classes: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(
+        self, fpn_feats: list[Array], reg_feats: list[Array], masks: list[Array]
+    ) -> tuple[list[Array], list[Array], list[Array]]:
+        def boundary(name: str) -> ClassifierHead:
+            return ClassifierHead(
+                self.head_dim,
+                self.num_classes,
+                self.boundary_kernel_size,
+                self.num_layers,
+                self.with_ln,
+                self.prior_prob,
+                self.empty_classes,
+                name=name,
+            )
+
+        # The boundary heads read the neck features with the gradient stopped (REFERENCE.md 12.14).
+        detached = [jax.lax.stop_gradient(f) for f in fpn_feats]
+        start = boundary("start_head")(detached, masks)
+        end = boundary("end_head")(detached, masks)
+        offsets = CentreOffsetHead(
+            self.head_dim, self.num_bins, self.kernel_size, self.num_layers, self.with_ln, name="reg_head"
+        )(reg_feats, masks)
+        return start, end, offsets
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder (5.7, 5.8)
+
+
+class Decoded(NamedTuple):
+    """Decoded boundaries of every point and class, packed over levels (`[B, N, C]` each).
+
+    `d_start`, `d_end`: Trident distances (level-grid units, in [0, nb]); `delta_start`, `delta_end`: the
+    refined ones (level-grid units, >= 0); `left`, `right`: the refined segment ends in input-grid units.
+    """
+
+    d_start: Array
+    d_end: Array
+    delta_start: Array
+    delta_end: Array
+    left: Array
+    right: Array
+
+
+class PackedRows(NamedTuple):
+    """Per packed time row (`[N]` numpy): the level's stride, the index in the level, the steps left in it."""
+
+    stride: np.ndarray
+    local: np.ndarray
+    left_in_level: np.ndarray
+
+
+def packed_rows(lengths: Sequence[int], strides: Sequence[int]) -> PackedRows:
+    return PackedRows(
+        np.concatenate([np.full(t, s, np.float32) for t, s in zip(lengths, strides, strict=True)]),
+        np.concatenate([np.arange(t) for t in lengths]),
+        np.concatenate([np.arange(t, 0, -1) for t in lengths]),
+    )
+
+
+def boundary_distributions(
+    start_logits: Array, end_logits: Array, reg_offsets: Array, rows: PackedRows, num_bins: int
+) -> tuple[Array, Array]:
+    """Softmax distributions over the nb + 1 bins, `(p_start, p_end)`, each `[B, N, C, nb + 1]`.
+
+    Args:
+      start_logits, end_logits: `[B, N, C]` boundary logits, levels packed along time.
+      reg_offsets: `[B, N, 2 (nb + 1)]` centre-offset logits, channels 0..nb the start side.
+      rows: `packed_rows` of the level lengths.
+    """
+    nb = num_bins
+    n = start_logits.shape[1]
+    start = jnp.pad(start_logits, ((0, 0), (nb, 0), (0, 0)))
+    end = jnp.pad(end_logits, ((0, 0), (0, nb), (0, 0)))
+    local = jnp.asarray(rows.local)[None, :, None]
+    left_in_level = jnp.asarray(rows.left_in_level)[None, :, None]
+    # A window cell outside its level (or past the padded video) sees a zero logit, not -inf (parity quirk).
+    start_win = jnp.stack([jnp.where(local >= nb - k, start[:, k : k + n], 0.0) for k in range(nb + 1)], axis=-1)
+    end_win = jnp.stack([jnp.where(left_in_level > k, end[:, k : k + n], 0.0) for k in range(nb + 1)], axis=-1)
+    # Centre-offset logits are class-agnostic: broadcast over C.
+    centre_start = reg_offsets[:, :, None, : nb + 1]
+    centre_end = reg_offsets[:, :, None, nb + 1 :]
+    return jax.nn.softmax(start_win + centre_start, axis=-1), jax.nn.softmax(end_win + centre_end, axis=-1)
+
+
+def expected_distances(p_start: Array, p_end: Array) -> tuple[Array, Array]:
+    """Expected boundary distances `(d_start, d_end)`, each `[B, N, C]`, from `boundary_distributions`."""
+    nb = p_start.shape[-1] - 1
+    # The reference's NaN guard uses the end distribution's mask for both sides (12.13); inert when finite.
+    nan = jnp.isnan(p_end)
+    p_start = jnp.where(nan, 0.0, p_start)
+    p_end = jnp.where(nan, 0.0, p_end)
+    # The reference takes a matrix product with the bin-distance vectors; its summation order is the BLAS
+    # library's. A plain float32 reduction matched the fixture at least as closely and never runs at TF32.
+    start_weights = jnp.arange(nb, -1, -1, dtype=p_start.dtype)
+    end_weights = jnp.arange(nb + 1, dtype=p_end.dtype)
+    return jnp.sum(p_start * start_weights, axis=-1), jnp.sum(p_end * end_weights, axis=-1)
+
+
+def decode(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int) -> Decoded:
+    """Trident distances and their refinement for every level, packed along time.
+
+    `outputs`: the detector's per-level lists `start_logits`, `end_logits`, `refine_start`, `refine_end`
+    `[B, T_l, C]` (the refine shifts in input-grid units) and `reg_offsets` `[B, T_l, 2 (nb + 1)]`.
+    """
+    lengths = [x.shape[1] for x in outputs["start_logits"]]
+    rows = packed_rows(lengths, strides)
+
+    def packed(key: str) -> Array:
+        return jnp.concatenate(list(outputs[key]), axis=1)
+
+    p_start, p_end = boundary_distributions(
+        packed("start_logits"), packed("end_logits"), packed("reg_offsets"), rows, num_bins
+    )
+    d_start, d_end = expected_distances(p_start, p_end)
+    s = jnp.asarray(rows.stride)[None, :, None]
+    tau = jnp.asarray(rows.local.astype(np.float32) * rows.stride)[None, :, None]  # left-aligned points
+    # Refinement in the reference's operation order: at large tau float32 rounding is about ulp(tau).
+    left = tau - d_start * s
+    right = tau + d_end * s
+    left = left + packed("refine_start")
+    right = right + packed("refine_end")
+    delta_start = jnp.maximum(0.0, (tau - left) / s)
+    delta_end = jnp.maximum(0.0, (right - tau) / s)
+    return Decoded(d_start, d_end, delta_start, delta_end, tau - delta_start * s, tau + delta_end * s)
+
+
+def scored_segments(
+    outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int
+) -> tuple[Array, Array, Array]:
+    """What inference keeps, packed over levels: `(scores, left, right)`, each `[B, N, C]`.
+
+    scores = sigmoid(Z) * mask (0 at padded positions); left / right in input-grid units.
+    """
+    decoded = decode(outputs, strides, num_bins)
+    mask = jnp.concatenate(list(outputs["masks"]), axis=1)[..., None]
+    scores = jax.nn.sigmoid(jnp.concatenate(list(outputs["cls_logits"]), axis=1)) * mask
+    return scores, decoded.left, decoded.right
