@@ -31,7 +31,6 @@ the short per-video rows they sort; NaN tIoUs (``union == 0``) come first and co
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,29 +39,19 @@ from typing import Any
 
 import numpy as np
 
+from cltdr_jax.data.annotations import (
+    DATASET_TIOU,
+    label_vocabulary,
+    parse_label_id,
+    parse_segment,
+    read_json,
+    without_duplicates,
+)
 from cltdr_jax.errors import DataError
 
 PROTOCOLS = ("official", "reference")
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
-
-
-# Written exactly as the reference configs produce them: the float64 values decide threshold equality.
-DATASET_TIOU: dict[str, np.ndarray] = {
-    "thumos": _frozen(np.linspace(0.3, 0.7, 5)),
-    "thumos_new": _frozen(np.linspace(0.3, 0.7, 5)),
-    "multithumos": _frozen(np.linspace(0.1, 0.9, 9)),
-    "epic": _frozen(np.linspace(0.1, 0.5, 5)),
-    "anet": _frozen(np.linspace(0.5, 0.95, 10)),
-    "hacs": _frozen(np.linspace(0.5, 0.95, 10)),
-    "custom": _frozen(np.linspace(0.3, 0.7, 5)),
-}
-
-# Reference metrics.py: two GT instances of one label_id are duplicates when both boundaries are this close.
-_DUPLICATE_TOL_S = 1e-3
 # Rows x GT columns of one tIoU block; bounds memory for classes with many predictions.
 _TIOU_BLOCK = 1 << 22
 
@@ -181,78 +170,6 @@ def _check_finite(preds: Predictions) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_json(path_or_dict: str | Path | Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], str]:
-    """Returns the parsed JSON object and a name for messages (the path, or ``<what dict>``)."""
-    if isinstance(path_or_dict, Mapping):
-        return path_or_dict, f"<{what} dict>"
-    path = Path(path_or_dict)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: {what} file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the {what} file: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object at the top level, found {type(data).__name__}")
-    return data, str(path)
-
-
-def parse_segment(seg: Any, where: str) -> tuple[float, float]:
-    """``[start_s, end_s]`` -> two floats, or a DataError that starts with ``where`` (file, video, item)."""
-    if not isinstance(seg, (list, tuple)) or len(seg) != 2:
-        raise DataError(f"{where}: 'segment' must be [start_s, end_s], got {seg!r}")
-    try:
-        s, e = float(seg[0]), float(seg[1])
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: 'segment' must hold two numbers, got {seg!r}") from None
-    if not (math.isfinite(s) and math.isfinite(e)):
-        raise DataError(f"{where}: non-finite segment {seg!r}")
-    return s, e
-
-
-def _label_id(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise DataError(f"{where}: 'label_id' must be an integer, got {value!r}")
-    return int(value)
-
-
-def label_vocabulary(data: Mapping[str, Any], db: Mapping[str, Any]) -> tuple[dict[int, str], dict[str, int]]:
-    """Every label_id <-> name pair the GT file states, annotations first, then the taxonomy."""
-    names_by_id: dict[int, str] = {}
-    ids_by_name: dict[str, int] = {}
-
-    def add(i: Any, n: Any) -> None:
-        if isinstance(i, int) and not isinstance(i, bool) and isinstance(n, str):
-            names_by_id.setdefault(i, n)
-            ids_by_name.setdefault(n, i)
-
-    for entry in db.values():
-        anns = entry.get("annotations") if isinstance(entry, Mapping) else None
-        for ann in anns if isinstance(anns, list) else ():
-            if isinstance(ann, Mapping):
-                add(ann.get("label_id"), ann.get("label"))
-    taxonomy = data.get("taxonomy")
-    for node in taxonomy if isinstance(taxonomy, list) else ():
-        if isinstance(node, Mapping):
-            add(node.get("nodeId"), node.get("nodeName"))
-    return names_by_id, ids_by_name
-
-
-def _without_duplicates(anns: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    # Each instance is compared with the instances kept so far (not with dropped ones), as in the reference.
-    kept: list[tuple[float, float, int]] = []
-    for s, e, lab in anns:
-        if not any(
-            abs(s - ks) <= _DUPLICATE_TOL_S and abs(e - ke) <= _DUPLICATE_TOL_S and lab == kl for ks, ke, kl in kept
-        ):
-            kept.append((s, e, lab))
-    return kept
-
-
 def load_ground_truth(
     path_or_dict: str | Path | Mapping[str, Any], subset: str = "validation", protocol: str = "official"
 ) -> GroundTruth:
@@ -272,7 +189,7 @@ def load_ground_truth(
             f"{src}: no 'database' object; expected ActivityNet ground truth "
             "{'database': {video_id: {'subset': ..., 'annotations': [...]}}}"
         )
-    names_by_id, ids_by_name = label_vocabulary(data, db)
+    names_by_id, ids_by_name = label_vocabulary(data, src)
 
     videos: list[str] = []
     rows: list[tuple[str, float, float, Any]] = []  # (video, start, end, name or label_id)
@@ -308,9 +225,9 @@ def load_ground_truth(
                         f"{where}: no 'label_id'; the reference protocol labels GT by id "
                         "(use --protocol official to match by name)"
                     )
-                parsed.append((s, e, _label_id(ann["label_id"], where)))
+                parsed.append((s, e, parse_label_id(ann["label_id"], where)))
         if protocol == "reference":
-            parsed = _without_duplicates(parsed)
+            parsed = [parsed[i] for i in without_duplicates(parsed)]
         rows.extend((vid, s, e, lab) for s, e, lab in parsed)
 
     if not videos:
@@ -402,7 +319,7 @@ def load_predictions(path_or_dict: str | Path | Mapping[str, Any]) -> Prediction
             if isinstance(lab, str):
                 name, lid, hid = lab, 0, False
                 if det.get("label_id") is not None:
-                    lid, hid = _label_id(det["label_id"], where), True
+                    lid, hid = parse_label_id(det["label_id"], where), True
             elif isinstance(lab, int) and not isinstance(lab, bool):
                 name, lid, hid = None, lab, True
             else:
@@ -735,7 +652,7 @@ def evaluate_arrays(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reporting and the `cltdr map` command
+# Reporting
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -753,10 +670,6 @@ def format_table(metrics: Mapping[str, Any], per_class: bool = False) -> str:
     return "\n".join(lines)
 
 
-def print_table(metrics: Mapping[str, Any], per_class: bool = False) -> None:
-    print(format_table(metrics, per_class=per_class))
-
-
 def parse_tiou(text: str) -> np.ndarray:
     """``"0.3,0.4,0.5"`` -> thresholds; a dataset name (``thumos``, ``anet``, ...) gives its default set."""
     key = text.strip().lower()
@@ -772,24 +685,3 @@ def parse_tiou(text: str) -> np.ndarray:
     if thr.size == 0 or not np.all(np.isfinite(thr)):
         raise DataError(f"--tiou {text!r}: no usable threshold")
     return thr
-
-
-def cmd_map(args: Any) -> int:
-    """``cltdr map GT PRED [--tiou ...] [--subset ...] [--out ...] [--protocol ...]``."""
-    thr = parse_tiou(args.tiou)
-    gt = load_ground_truth(args.gt, subset=args.subset, protocol=args.protocol)
-    preds = load_predictions(args.pred)
-    metrics = evaluate(gt, preds, thr)
-    ignored = int(np.sum(prediction_classes(gt, preds) < 0))
-    print(
-        f"{gt.source}: {len(gt.t_start)} GT instances, {len(gt.class_names)} classes, {len(gt.videos)} "
-        f"{args.subset!r} videos; {preds.source}: {len(preds)} detections ({ignored} enter no class's AP), "
-        f"protocol {args.protocol}"
-    )
-    print(format_table(metrics))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-        print(f"metrics written to {out}")
-    return 0

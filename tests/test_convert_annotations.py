@@ -8,9 +8,10 @@ from collections import Counter
 
 import pytest
 
+from cltdr_jax.commands import convert_annotations as cmd_convert_annotations
 from cltdr_jax.config import config_from_dict
-from cltdr_jax.data import cmd_convert_annotations, load_annotations
-from cltdr_jax.data.annotations import identify_input, parse_timestamp
+from cltdr_jax.data import load_annotations
+from cltdr_jax.data.convert_annotations import identify_input, parse_timestamp
 from cltdr_jax.errors import DataError
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from cltdr_jax.config import config_from_dict, load_config
-from cltdr_jax.data import VideoDataset, ground_truth_dict, load_annotations, read_features
+from cltdr_jax.data import VideoDataset, load_annotations, read_features
 from cltdr_jax.errors import DataError
+from cltdr_jax.predict import ground_truth
 
 try:
     import torch
@@ -106,10 +107,8 @@ def test_thumos14_counts(shared_dir):
         assert info["dropped_reversed"] == info["dropped_zero_length"] == 0
         counts = _policy_counts(_published(path, subset))
         assert sum(counts.values()) == published and counts["out"] == outside
-        gt = ground_truth_dict(records, names, subset)["database"]
-        assert sum(len(v["annotations"]) for v in gt.values()) == published  # as published, for the evaluator
-        gt = ground_truth_dict(records, names, subset, include_dropped=False)["database"]
-        assert sum(len(v["annotations"]) for v in gt.values()) == kept
+        # The evaluator's ground truth is the file as published, whatever the training loader drops.
+        assert len(ground_truth(path, subset.lower(), "official").t_start) == published
     assert len(names) == 20 and names[0] == "BaseballPitch" and names[19] == "VolleyballSpiking"
     assert {r.fps for r in records} == {30.0, 29.97, 25.0, 24.0}
 
@@ -367,10 +366,10 @@ def test_bad_segments_dropped_by_default_and_rejected_when_strict(tmp_path, segm
     assert info[f"dropped_{problem.replace('-', '_')}"] == 1 and "v_x" in caplog.text
     r = records[1]
     np.testing.assert_array_equal(r.segments_sec, [[1, 2]])
-    np.testing.assert_array_equal(r.dropped_segments_sec, [segment])
-    np.testing.assert_array_equal(r.dropped_labels, [1])
-    gt = ground_truth_dict(records, names, "validation")["database"]["v_x"]["annotations"]
-    assert [a["segment"] for a in gt] == [[1, 2], segment] and gt[1]["label"] == "B"
+    np.testing.assert_array_equal(r.labels, [0])
+    gt = ground_truth(cfg.dataset.json_file, "validation", "official")  # the evaluator keeps it, as published
+    keep = gt.video_id == "v_x"
+    assert [[s, e] for s, e in zip(gt.t_start[keep], gt.t_end[keep], strict=True)] == [[1, 2], segment]
 
 
 def test_partly_outside_segments_are_kept_and_counted(tmp_path):

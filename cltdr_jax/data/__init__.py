@@ -1,27 +1,22 @@
-"""Data: annotation files, feature files, the per-video dataset and its training crop."""
+"""Data: the annotation reader, feature files, the per-video dataset and its training crop, converters."""
 
-from cltdr_jax.data.annotations import cmd_convert_annotations, convert_anet_bsn, convert_epic
-from cltdr_jax.data.datasets import (
-    DATASET_NAMES,
-    VideoDataset,
-    VideoRecord,
-    ground_truth_dict,
-    load_annotations,
-    seconds_to_grid,
-)
+from cltdr_jax.data.annotations import DATASET_NAMES, DATASET_TIOU, VideoRecord, load_annotations
+from cltdr_jax.data.convert_annotations import convert_anet_bsn, convert_annotations, convert_epic
+from cltdr_jax.data.datasets import VideoDataset, seconds_to_grid, video_item
 from cltdr_jax.data.features import read_features
 from cltdr_jax.data.transforms import truncate_feats
 
 __all__ = [
     "DATASET_NAMES",
+    "DATASET_TIOU",
     "VideoDataset",
     "VideoRecord",
-    "cmd_convert_annotations",
     "convert_anet_bsn",
+    "convert_annotations",
     "convert_epic",
-    "ground_truth_dict",
     "load_annotations",
     "read_features",
     "seconds_to_grid",
     "truncate_feats",
+    "video_item",
 ]
