@@ -34,12 +34,14 @@ def manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.Checkp
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
-def _check_shapes(mngr: ocp.CheckpointManager, step: int, expected: Any, where: str, cfg: Config) -> None:
-    """Compares the saved parameter shapes with the config's before restoring, for a message that names
-    every mismatch (orbax itself fails deep inside its readers)."""
+def _check_shapes(saved_params: Any, expected: Any, where: str, cfg: Config) -> None:
+    """Compares the saved parameter shapes (a tree of arrays or of orbax metadata) with the config's before
+    restoring, for a message that names every mismatch (orbax itself fails deep inside its readers)."""
     saved = {
         jax.tree_util.keystr(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(mngr.item_metadata(step)["params"])
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            saved_params, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+        )
     }
     wanted = {
         jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(expected)
@@ -72,40 +74,124 @@ def save_params(directory: str | Path, params: Any, meta: dict[str, Any], step: 
     return Path(directory) / str(step)
 
 
-def latest_step(directory: str | Path) -> int:
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception, shortened: orbax and TensorStore errors run to whole screens."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def available_steps(directory: str | Path) -> list[int]:
+    """The complete step folders of a checkpoints directory, in increasing order (orbax writes a step into a
+    temporary folder and renames it when complete, so a numbered folder is a finished save)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
-    mngr = manager(directory)
-    step = mngr.latest_step()
-    mngr.close()
-    if step is None:
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, int]:
+    """(checkpoints directory, step) from what users pass as CHECKPOINT: a training workdir (its
+    `checkpoints/` folder), a checkpoints folder (`cltdr convert`'s output), or one step's folder.
+    Without `step`, the latest step."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if path.name.isdigit() and any((path / item).exists() for item in ITEMS):  # one step's folder
+        if step is not None and step != int(path.name):
+            raise CheckpointError(f"{path} is the folder of step {path.name}, but step {step} was asked for")
+        return path.parent, int(path.name)
+    if not available_steps(path) and (path / "checkpoints").is_dir():  # a training workdir
+        path = path / "checkpoints"
+    steps = available_steps(path)
+    if not steps:
         raise CheckpointError(
-            f"{directory}: no checkpoint in this directory (expected numbered step folders written by "
-            "`cltdr convert` or `cltdr train`)"
+            f"{path}: no checkpoint in this directory (expected a training workdir, its checkpoints/ folder, "
+            "numbered step folders written by `cltdr convert` or `cltdr train`, or one of them)"
         )
-    return step
+    if step is None:
+        return path, steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{path}: no checkpoint of step {step}; steps here: {', '.join(map(str, steps))}")
+    return path, step
 
 
-def load_params(directory: str | Path, cfg: Config, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """The inference weights of the latest (or given) step, and its metadata."""
-    directory = Path(directory)
-    step = latest_step(directory) if step is None else step
+def latest_step(directory: str | Path) -> int:
+    return resolve_checkpoint(directory)[1]
+
+
+def _metadata_abstract(tree: Any) -> Any:
+    """Placeholders on the local device for an orbax metadata tree (its leaves have shape and dtype)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+        tree,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+    )
+
+
+def load_params(
+    path: str | Path, cfg: Config, step: int | None = None, weights: str = "ema"
+) -> tuple[Any, dict[str, Any]]:
+    """The inference weights of a checkpoint and its metadata.
+
+    path: a training workdir, a checkpoints folder or one step's folder (see `resolve_checkpoint`); `step`
+    picks a step (default: the latest). weights: "ema" (the `params` item: the EMA weights of a trained
+    model, or what `cltdr convert` wrote) or "raw" (the trained weights before averaging, from the training
+    state; only in checkpoints written by `cltdr train`). The metadata gains `checkpoint` (the step folder)
+    and `loaded_weights` (what was loaded, in words).
+    """
+    if weights not in ("ema", "raw"):
+        raise CheckpointError(f"weights must be ema or raw, got {weights!r}")
+    directory, step = resolve_checkpoint(path, step)
+    where = directory / str(step)
     mngr = manager(directory)
     abstract = abstract_params(cfg)
     try:
-        _check_shapes(mngr, step, abstract, f"{directory}/{step}", cfg)
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_on_local_device(abstract)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        if weights == "raw" and not (where / "train_state").is_dir():
+            raise CheckpointError(
+                f"{where}: holds only inference weights (written by `cltdr convert`); --weights raw needs a "
+                "checkpoint written by `cltdr train`"
+            )
+        if weights == "ema":
+            _check_shapes(mngr.item_metadata(step)["params"], abstract, str(where), cfg)
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(_on_local_device(abstract)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            params = restored["params"]
+        else:
+            state_tree = mngr.item_metadata(step)["train_state"]
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    train_state=ocp.args.StandardRestore(_metadata_abstract(state_tree)),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            params = restored["train_state"]["params"]
+            _check_shapes(params, abstract, str(where), cfg)
     except CheckpointError:
         raise
-    except Exception as e:  # unreadable or corrupt checkpoint files
-        raise CheckpointError(f"{directory}/{step}: cannot read the checkpoint: {e}") from None
+    except Exception as e:  # unreadable, corrupt or truncated checkpoint files
+        others = [s for s in available_steps(directory) if s != step]
+        hint = f"; other steps here: {', '.join(map(str, others))} (--step N)" if others else ""
+        raise CheckpointError(
+            f"{where}: cannot read this checkpoint, corrupt or truncated ({short_error(e)}){hint}"
+        ) from None
     finally:
         mngr.close()
-    return restored["params"], dict(restored["meta"] or {})
+    meta = dict(restored["meta"] or {})
+    if weights == "raw":
+        described = "raw weights (the training state's, not averaged)"
+    elif "weights" in meta:  # cltdr convert
+        described = f"{meta['weights']} of {meta.get('source', 'a reference checkpoint')}"
+    else:
+        described = "EMA weights"
+        decay = meta.get("config", {}).get("trainer", {}).get("ema_decay")
+        described += f" (decay {decay})" if decay is not None else ""
+    meta.update(checkpoint=str(where), loaded_weights=described)
+    return params, meta

@@ -5,12 +5,13 @@ Missing keys take the reference defaults (REFERENCE.md section 2.2). Unlike the 
 values of the wrong type are errors that name the key and the file. Fields marked "ours" are additions of
 this project (ablation switches, trainer settings); their defaults give the reference behaviour.
 
-    cfg = load_config("configs/thumos_i3d.yaml", overrides=["model.embd_dim=256"])
+    cfg = load_config("thumos_i3d_focalloss", overrides=["model.embd_dim=256"])  # a bundled config, or a path
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,7 +154,9 @@ class OptConfig:
 @dataclass(frozen=True)
 class LoaderConfig:
     batch_size: int = 8
-    num_workers: int = 4
+    # Data-loading worker processes (grain). The reference's default is 4 PyTorch workers; ours is 0 (load in
+    # the main process), which on a CPU trainer leaves the cores to XLA. Batches do not depend on it.
+    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,13 +164,28 @@ class TrainerConfig:
     """ours: how `cltdr train` runs (not part of the reference schema)."""
 
     compute_dtype: str = "float32"  # float32 | bfloat16 (parameters and optimizer state stay float32)
+    # Matmul / convolution precision of training. "default" is what the reference's own GPU training runs
+    # (TF32 convolutions on A100 / H100 / H200); on a CPU it is the same arithmetic as "highest".
+    precision: str = "default"
     ema_decay: float = 0.999
     eval_every_epochs: int = 0  # 0: evaluate only after the last epoch
     checkpoint_every_steps: int = 0  # 0: once per epoch
     keep_checkpoints: int = 3
     log_every_steps: int = 10
     max_steps: int = 0  # 0: the full schedule; >0 stops early (smoke runs)
-    grain_workers: int = 0  # 0: load in the main process
+    tensorboard: bool = False  # also write every logged scalar as TensorBoard event files (needs tensorboardX)
+    # Deprecated alias of loader.num_workers (configs written before it drove the workers); where given, wins.
+    grain_workers: int | None = None
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """ours: how `cltdr predict`, `cltdr eval` and training's evaluations run the network."""
+
+    dtype: str = "float32"  # float32 | bfloat16 (`--dtype`)
+    # "highest" reproduces the reference's float32 detections exactly on every backend.
+    precision: str = "highest"
+    batch_size: int = 0  # videos of one padded length per call (`--batch-size`); 0: 1 on a CPU, 4 on accelerators
 
 
 @dataclass(frozen=True)
@@ -186,9 +204,18 @@ class Config:
     opt: OptConfig = field(default_factory=OptConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     # Directory of the YAML file (ours): not used to resolve paths, which are relative to the working
     # directory as in the reference, but kept for messages.
     source: str | None = None
+
+    @property
+    def data_workers(self) -> int:
+        """Grain worker processes for training batches: loader.num_workers (trainer.grain_workers, the old
+        name, where a config still gives it)."""
+        if self.trainer.grain_workers is not None:
+            return self.trainer.grain_workers
+        return self.loader.num_workers
 
     # ----- quantities the reference derives from the config -----
     @property
@@ -314,14 +341,20 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Config:
-    """Builds a Config from a YAML-like dict, applying `key.path=value` overrides (values parsed as YAML)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of a YAML-like config dict with `key.path=value` overrides applied (values parsed as YAML)."""
     data = _plain(dict(data or {}))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Config:
+    """Builds a Config from a YAML-like dict, applying `key.path=value` overrides (values parsed as YAML)."""
+    data = apply_overrides(data, overrides)
     try:
         cfg = _build(Config, data, "")
     except ConfigError as e:
@@ -330,10 +363,11 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Reads a config in the reference's YAML format; `overrides` are `section.key=value` strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """Reads a config in the reference's YAML format; `overrides` are `section.key=value` strings.
+
+    `path` is a file, or the name of a bundled config (`thumos_i3d_focalloss`, see `bundled_configs`).
+    """
+    path = resolve_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -341,6 +375,73 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return config_from_dict(data or {}, source=str(path), overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bundled configs: the reference's 11 configs of `configs/`, shipped inside the package
+
+
+@dataclass(frozen=True)
+class BundledConfig:
+    name: str  # file name without .yaml: what `load_config` and every CONFIG argument accept
+    path: Path
+    description: str  # the header's first line: dataset, classes, features
+    reference: bool  # one of the authors' 11 configs (else an extra, whose header says why it exists)
+    result: str | None  # the paper's result it corresponds to, e.g. "THUMOS14 I3D"
+    average_map: float | None  # that result's average mAP (%)
+    tiou: str | None  # its tIoU thresholds, e.g. "0.3:0.1:0.7"
+
+
+_PAPER_RESULT = re.compile(r"Paper result: (?P<what>[^,]+), average mAP (?P<map>[\d.]+) \(tIoU (?P<tiou>[\d.:]+)\)")
+
+
+def bundled_config_dir() -> Path:
+    """The bundled configs: `configs/` of the checkout (a source tree or an editable install), or its copy in
+    an installed wheel (pyproject.toml maps `configs/` to `cltdr_jax/configs`)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "configs"
+    return installed if installed.is_dir() else here.parent / "configs"
+
+
+def bundled_configs() -> list[BundledConfig]:
+    """Every bundled config with the facts its header comment states (reference configs first)."""
+    out = []
+    for path in sorted(bundled_config_dir().glob("*.yaml")):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("#").strip())
+        text = " ".join(header)
+        m = _PAPER_RESULT.search(text)
+        out.append(
+            BundledConfig(
+                name=path.stem,
+                path=path,
+                description=header[0] if header else "",
+                reference="The reference's configs/" in text,
+                result=m["what"] if m else None,
+                average_map=float(m["map"]) if m else None,
+                tiou=m["tiou"] if m else None,
+            )
+        )
+    return sorted(out, key=lambda c: not c.reference)
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file; a bundled config's name (or `configs/<name>.yaml` where no such file exists here, as
+    the README's examples write it) gives the bundled file."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    bundled = bundled_config_dir() / f"{name}.yaml"
+    if str(path.parent) in (".", "configs") and bundled.is_file():
+        return bundled
+    names = ", ".join(c.name for c in bundled_configs() if c.reference)
+    raise ConfigError(
+        f"{path}: config file not found, nor a bundled config of that name ({names}; `cltdr configs` lists them)"
+    )
 
 
 _CHOICES = {
@@ -355,6 +456,9 @@ _CHOICES = {
     "opt.type": ("AdamW",),
     "opt.schedule_type": ("cosine",),
     "trainer.compute_dtype": ("float32", "bfloat16"),
+    "trainer.precision": ("default", "high", "highest"),
+    "inference.dtype": ("float32", "bfloat16"),
+    "inference.precision": ("default", "high", "highest"),
 }
 
 

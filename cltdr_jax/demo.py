@@ -80,7 +80,7 @@ def run_demo(workdir: str | Path, seed: int = 0, quick: bool = False) -> dict:
 
     print()
     print(f"Synthetic THUMOS14-like test split, {len(test_videos)} videos, EMA model after the last epoch:")
-    evaluation.print_table(metrics)
+    print(evaluation.format_table(metrics))
     print()
     print(f"finished in {time.perf_counter() - start:.0f} s. Results in {workdir}:")
     print(f"  detections        {detections_path}")

@@ -67,6 +67,12 @@ def default_batch_size() -> int:
     return 1 if jax.default_backend() == "cpu" else 4
 
 
+def inference_model(cfg: Config) -> CLTDRGMG:
+    """The detector as `cfg.inference` computes it (dtype, precision)."""
+    dtype = jnp.bfloat16 if cfg.inference.dtype == "bfloat16" else jnp.float32
+    return CLTDRGMG(cfg.model, cfg.train_cfg, dtype=dtype, precision=cfg.inference.precision)
+
+
 LevelOutputs = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per level (scores, left, right) [T_l, C]
 
 
@@ -80,22 +86,27 @@ class _Pending:
 
 
 class Predictor:
-    """Runs the detector on videos, `batch_size` videos of one padded length per call."""
+    """Runs the detector on videos, `batch_size` videos of one padded length per call (default:
+    `cfg.inference.batch_size`, or `default_batch_size()` where that is 0), as `cfg.inference` says."""
 
-    def __init__(self, cfg: Config, params: Any, batch_size: int = 1):
+    def __init__(self, cfg: Config, params: Any, batch_size: int | None = None):
+        if batch_size is None:
+            batch_size = cfg.inference.batch_size or default_batch_size()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
         self.batch_size = batch_size
         self.params = params
-        model = CLTDRGMG(cfg.model, cfg.train_cfg)
+        model = inference_model(cfg)
 
         def forward(params, feats, mask):
             outputs = model.apply({"params": params}, feats, mask)
             # Packed over levels: three transfers instead of three per level; split on the host (views).
             return scored_segments(outputs, cfg.strides, cfg.model.num_bins)
 
-        self._forward = jax.jit(forward)
+        # The network + decoding, forward(params, feats, mask) -> (scores, left, right); also what `cltdr export`
+        # serializes.
+        self.forward = jax.jit(forward)
         self._executables: dict[tuple[int, int], Any] = {}
         self.padded_lengths: set[int] = set()
         self.compile_seconds: dict[int, float] = {}  # padded length -> seconds spent lowering and compiling
@@ -106,8 +117,9 @@ class Predictor:
 
     @params.setter
     def params(self, params: Any) -> None:
-        # Once per run (or per evaluation during training), not once per video.
-        self._params = jax.device_put(params)
+        # Once per run (or per evaluation during training), not once per video. Through the host: training's
+        # parameters live on its mesh (sharded types), which a single-device program cannot take.
+        self._params = None if params is None else jax.device_put(jax.device_get(params))
 
     def executable(self, padded_len: int, input_dim: int | None = None) -> Any:
         """The network + decoding compiled for inputs [batch_size, padded_len, input_dim] (compiled once).
@@ -120,7 +132,7 @@ class Predictor:
             start = time.perf_counter()
             x = jax.ShapeDtypeStruct((self.batch_size, padded_len, d), jnp.float32)
             mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
-            exe = self._forward.lower(self.params, x, mask).compile()
+            exe = self.forward.lower(self.params, x, mask).compile()
             self.compile_seconds[padded_len] = time.perf_counter() - start
             self._executables[(padded_len, d)] = exe
             log.debug(

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cltdr_jax import evaluation
+from cltdr_jax.data.annotations import label_vocabulary, parse_segment, read_json
 from cltdr_jax.errors import CltdrError, DataError
 
 
@@ -70,7 +71,7 @@ def plot_timeline(
 
     Args:
       detections_for_video: ``[{"segment": [s, e], "label": name or label_id, "score": x}]``.
-      gt_for_video: ``[{"segment": [s, e], "label": name or label_id}]``.
+      gt_for_video: ``[{"segment": [s, e], "label": name or label_id}]``; empty for detections only.
       class_names: label_id -> name (mapping or list) for integer labels; None keeps ids as text.
       duration: video length in seconds (x range); None: the last segment end.
       top: detections drawn per class, highest scores first.
@@ -116,39 +117,41 @@ def plot_timeline(
     ax.set_ylim(0, max(len(rows), 1))
     ax.set_xlim(0, x_max)
     ax.set_xlabel("time (s)")
-    ax.set_title(f"GT (solid, upper half) and top-{top} detections per class (lower half, opacity = score)")
+    if gts:
+        ax.set_title(f"GT (solid, upper half) and top-{top} detections per class (lower half, opacity = score)")
+    else:  # `cltdr detect` on a user's video: no ground truth to draw
+        ax.set_title(f"top-{top} detections per class (opacity = score)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, out_path)
 
 
-def cmd_plot(args: Any) -> int:
-    """``cltdr plot DETECTIONS --gt GT --video ID --out PNG [--top N]``."""
-    preds = evaluation.load_predictions(args.detections)
-    if args.video not in set(preds.video_id):
+def plot_video(detections: str | Path, gt: str | Path, video: str, out_path: str | Path, top: int = 10) -> Path:
+    """Timeline of one video of a detections file against its ground truth (`cltdr plot`); returns the PNG."""
+    preds = evaluation.load_predictions(detections)
+    if video not in set(preds.video_id):
         raise DataError(
-            f"{args.detections}: video {args.video!r} has no detections in this file "
-            f"({len(set(preds.video_id))} videos present)"
+            f"{detections}: video {video!r} has no detections in this file ({len(set(preds.video_id))} videos present)"
         )
-    data, src = evaluation.read_json(args.gt, "ground truth")
+    data, src = read_json(gt, "ground truth")
     db = data.get("database")
     if not isinstance(db, Mapping):
         raise DataError(f"{src}: no 'database' object; expected ActivityNet ground truth")
-    if args.video not in db:
-        raise DataError(f"{src}: video {args.video!r} is not in the ground truth ({len(db)} videos present)")
-    entry = db[args.video]
+    if video not in db:
+        raise DataError(f"{src}: video {video!r} is not in the ground truth ({len(db)} videos present)")
+    entry = db[video]
     anns = entry.get("annotations", []) if isinstance(entry, Mapping) else None
     if not isinstance(anns, list):
-        raise DataError(f"{src}: video {args.video!r}: 'annotations' must be a list")
+        raise DataError(f"{src}: video {video!r}: 'annotations' must be a list")
     gt_rows = []
     for i, ann in enumerate(anns):
-        where = f"{src}: video {args.video!r}, annotation {i}"
+        where = f"{src}: video {video!r}, annotation {i}"
         if not isinstance(ann, Mapping) or "label" not in ann:
             raise DataError(f"{where}: expected an object with 'segment' and 'label'")
-        gt_rows.append({"segment": evaluation.parse_segment(ann.get("segment"), where), "label": ann["label"]})
-    names_by_id, _ = evaluation.label_vocabulary(data, db)
+        gt_rows.append({"segment": parse_segment(ann.get("segment"), where), "label": ann["label"]})
+    names_by_id, _ = label_vocabulary(data, src)
 
-    sel = np.nonzero(preds.video_id == args.video)[0]
+    sel = np.nonzero(preds.video_id == video)[0]
     dets = [
         {
             "segment": [preds.t_start[i], preds.t_end[i]],
@@ -159,9 +162,7 @@ def cmd_plot(args: Any) -> int:
     ]
     duration = entry.get("duration")
     duration = float(duration) if isinstance(duration, (int, float)) and duration > 0 else None
-    out = plot_timeline(dets, gt_rows, names_by_id, duration, args.out, top=args.top)
-    print(f"timeline of {args.video} written to {out}")
-    return 0
+    return plot_timeline(dets, gt_rows, names_by_id, duration, out_path, top=top)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,11 +29,13 @@ class Prediction:
     stats: dict[str, Any]
 
 
-def _class_names(json_file: str | None, count: int) -> list[str]:
-    """Names of label ids 0 .. count - 1 from the annotation file (str(id) where it names none)."""
+def class_names(json_file: str | None, count: int | None = None) -> list[str]:
+    """Names of label ids 0 .. count - 1 from the annotation file (str(id) where it names none); count None:
+    up to the largest id the file names."""
     names: dict[int, str] = {}
     if json_file and Path(json_file).is_file():
         names, _ = label_vocabulary(read_json(json_file, "annotation")[0], json_file)
+    count = max(names, default=-1) + 1 if count is None else count
     return [names.get(i, str(i)) for i in range(count)]
 
 
@@ -47,15 +49,15 @@ def predict_split(cfg: Config, params: Any, split: str | None = None, predictor:
     predictor = _predictor(cfg, params, predictor)
     detections, stats = predict_items(predictor, (dataset[i] for i in range(len(dataset))))
     stats["skipped_videos"] = list(dataset.info.get("skipped", []))
-    class_names = list(dataset.class_names)
+    names = list(dataset.class_names)
     external = {"used": False}
     if cfg.test_cfg.ext_score_file:
         scores = load_external_scores(cfg.test_cfg.ext_score_file)
         detections = fuse_external_scores(detections, scores, cfg.test_cfg.ext_score_file)
-        names, _ = label_vocabulary(read_json(cfg.dataset.json_file, "annotation")[0], cfg.dataset.json_file)
-        class_names = _class_names(cfg.dataset.json_file, max(names, default=-1) + 1)
+        # Fused labels are the external classifier's: name them from the whole file, not the class-agnostic set.
+        names = class_names(cfg.dataset.json_file)
         external = {"used": True, "details": f"video-level class scores from {cfg.test_cfg.ext_score_file}"}
-    return Prediction(detections, detections_to_json(detections, class_names, external), stats)
+    return Prediction(detections, detections_to_json(detections, names, external), stats)
 
 
 def predict_files(
@@ -75,7 +77,7 @@ def predict_files(
             yield video_item(cfg, vid, feats, fps, duration=1e8)
 
     detections, stats = predict_items(_predictor(cfg, params, predictor), items())
-    names = _class_names(cfg.dataset.json_file, cfg.dataset.num_classes)
+    names = class_names(cfg.dataset.json_file, cfg.dataset.num_classes)
     return Prediction(detections, detections_to_json(detections, names), stats)
 
 

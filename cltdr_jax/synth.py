@@ -3,7 +3,7 @@
     cltdr synth --like thumos14 --out data/synth_thumos --feature-dim 2048 --videos 40 --seed 0
 
 writes `annotations.json` (ActionFormer format), `features/<id>.npy` (`.npz` with key `feats` for epic,
-float32 [T, D], time first) and `config.yaml` (the matching reference config with absolute paths), which
+float32 [T, D], time first) and `config.yaml` (the matching bundled reference config with absolute paths), which
 the real loaders read unchanged.
 
 Annotations are sampled from a profile, `cltdr_jax/profiles/<like>.json`: compact figures derived from the
@@ -41,7 +41,6 @@ import io
 import json
 import math
 import statistics
-import time
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from cltdr_jax.config import apply_overrides, bundled_config_dir, config_from_dict
 from cltdr_jax.errors import DataError
 
 PROFILES = ("thumos14", "multithumos", "activitynet", "epic")
@@ -75,6 +75,14 @@ def load_profile(like: str) -> dict:
     if like not in PROFILES:
         raise DataError(f"unknown profile {like!r}; choose one of {', '.join(PROFILES)}")
     return json.loads((PROFILE_DIR / f"{like}.json").read_text())
+
+
+def profile_config(profile: dict) -> dict:
+    """The config a profile's datasets are shaped like, as a YAML dict: the bundled reference config the
+    profile names (`config.base`) with the profile's few overrides (`config.overrides`, `key=value`)."""
+    spec = profile["config"]
+    data = yaml.safe_load((bundled_config_dir() / f"{spec['base']}.yaml").read_text())
+    return apply_overrides(data, spec.get("overrides", []))
 
 
 def num_features(duration: float, fps: float, feat_stride: int, num_frames: int) -> int:
@@ -421,9 +429,9 @@ def synthesize(
     progress: called after each video as progress(done, total, video_id, T).
     """
     profile = load_profile(like)
-    conv = profile["config"]
-    data = conv["dataset"]
-    dim = int(feature_dim or data["input_dim"])
+    conv = profile_config(profile)
+    data = config_from_dict(conv, source=f"the {like} profile's config").dataset
+    dim = int(feature_dim or data.input_dim)
     if dim < 1 or difficulty < 0:
         raise DataError(f"feature dim must be >= 1 and difficulty >= 0, got {dim} and {difficulty}")
     out = Path(out_dir).resolve()
@@ -439,7 +447,7 @@ def synthesize(
     labels = {vid: [a["label_id"] for a in rec["annotations"]] for vid, rec in database.items()}
     num_classes = max([len(classes), *(max(v) + 1 for v in labels.values() if v)])
     database_out = copy.deepcopy(database)
-    config_classes = _compact_labels(database_out, conv["dataset_name"], data["num_classes"])
+    config_classes = _compact_labels(database_out, conv["dataset_name"], data.num_classes)
     version = f"synthetic-{like}-seed{seed}" + (f"-from-{Path(annotations).name}" if annotations else "")
     (out / "annotations.json").write_text(json.dumps({"version": version, "database": database_out}))
 
@@ -458,6 +466,7 @@ def synthesize(
     header = (
         f"# Synthetic dataset like {like}: cltdr synth --like {like} --seed {seed} --feature-dim {dim}"
         f" --difficulty {difficulty}" + (f" --annotations {annotations}" if annotations else "") + "\n"
+        f"# The bundled reference config {profile['config']['base']} with this dataset's paths and sizes.\n"
     )
     config_path = out / "config.yaml"
     config_path.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
@@ -471,14 +480,14 @@ def synthesize(
     for f in profile["splits"].values():
         freq[: len(classes)] += f["class_instances"]
     freq += 0.5 * freq.mean() + 1e-9  # distractors of every class, the frequent ones more often
-    prefix, ext = data["file_prefix"] or "", data["file_ext"]
+    prefix, ext = data.file_prefix or "", data.file_ext
     for done, (vid, rec) in enumerate(database.items(), 1):
-        fps = data["default_fps"] or rec.get("fps") or 30.0
+        fps = data.default_fps or rec.get("fps") or 30.0
         segments = np.array([a["segment"] for a in rec["annotations"]], float).reshape(-1, 2)
         rng = np.random.default_rng([seed, 4, zlib.crc32(vid.encode())])
         x = video_features(
             model, segments, np.array(labels[vid], int), float(rec["duration"]), float(fps),
-            data["feat_stride"], data["num_frames"], rng, difficulty, freq / freq.sum(),
+            data.feat_stride, data.num_frames, rng, difficulty, freq / freq.sum(),
         )  # fmt: skip
         path = feat_dir / f"{prefix}{vid}{ext}"
         if ext == ".npz":
@@ -513,42 +522,3 @@ def external_class_scores(database: dict, seed: int, accuracy: float = 0.85) -> 
         p = np.exp(logits - logits.max())
         out[vid] = [round(float(v), 6) for v in p / p.sum()]
     return out
-
-
-def cmd_synth(args) -> int:
-    """`cltdr synth`: args has like, out, feature_dim, videos, seed, annotations, difficulty."""
-    t0 = time.perf_counter()
-    lengths: list[int] = []
-    state = {"next": 0.0}
-
-    def report(done: int, total: int, vid: str, T: int) -> None:
-        lengths.append(T)
-        if done >= state["next"] or done == total:
-            state["next"] += max(1, total / 20)
-            rate = done / (time.perf_counter() - t0)
-            print(f"  [{done:>{len(str(total))}}/{total}] {vid}  T={T}  {rate:.1f} videos/s", flush=True)
-
-    print(f"cltdr synth: writing a dataset like {args.like} to {args.out} (seed {args.seed})", flush=True)
-    config_path = synthesize(
-        args.like, args.out, feature_dim=args.feature_dim, num_videos=args.videos, seed=args.seed,
-        annotations=args.annotations, difficulty=args.difficulty, progress=report,
-        max_duration=getattr(args, "max_duration", None),
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    out = config_path.parent
-    database = json.loads((out / "annotations.json").read_text())["database"]
-    per_split: dict[str, list[int]] = {}
-    for rec in database.values():
-        per_split.setdefault(rec["subset"], []).append(len(rec["annotations"]))
-    cfg = yaml.safe_load(config_path.read_text())
-    size = sum(p.stat().st_size for p in (out / "features").iterdir())
-    for subset, counts in per_split.items():
-        print(f"  {subset}: {len(counts)} videos, {sum(counts)} actions")
-    if lengths:
-        print(
-            f"  features: float32 [T, {cfg['dataset']['input_dim']}], T {min(lengths)}..{max(lengths)} "
-            f"(mean {np.mean(lengths):.0f}), {size / 2**20:.1f} MiB in {out / 'features'}"
-        )
-    print(f"  {len(database)} videos in {seconds:.1f} s ({len(database) / seconds:.2f} videos/s)")
-    print(f"  config: {config_path}")
-    return 0

@@ -35,6 +35,8 @@ def parse_args() -> argparse.Namespace:
         help="run on this many CPUs (the process's CPU affinity is set before JAX starts; default: all)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="inference.dtype")
     return parser.parse_args()
 
 
@@ -175,7 +177,11 @@ def time_length(predictor: Predictor, feats: np.ndarray, repeats: int, roof_gflo
 
 def main() -> None:
     args = ARGS
-    cfg = load_config(args.config)
+    # bfloat16 at the default precision: "highest" would ask for float32-exact products of bfloat16 inputs.
+    precision = "highest" if args.dtype == "float32" else "default"
+    cfg = load_config(
+        args.config, [f"inference.dtype={args.dtype}", f"inference.precision={precision}", *args.overrides]
+    )
     lengths = [int(v) for v in args.lengths.split(",")]
     rng = np.random.default_rng(args.seed)
 
@@ -200,6 +206,8 @@ def main() -> None:
     out = {
         "benchmark": "inference, random weights and features, batch 1",
         "config": args.config,
+        "dtype": cfg.inference.dtype,
+        "precision": cfg.inference.precision,
         "params": count_params(params),
         "init_s": round(init_s, 2),
         "machine": {

@@ -2,8 +2,9 @@
 """Training-step benchmark at the THUMOS I3D config (batch 2 x 2304 x 2048, 21.9 M parameters).
 
     python scripts/benchmark_train.py [--steps 5] [--config configs/thumos_i3d_focalloss.yaml]
+    python scripts/benchmark_train.py --variants float32:highest,float32:default,bfloat16:default
 
-Prints one JSON object: per compute dtype (float32, bfloat16) the compile time, median step time, steps/s,
+Prints one JSON object: per variant (compute dtype : matmul precision) the compile time, median step time, steps/s,
 peak resident memory of a process that does only that, XLA's FLOP count of one step and the achieved
 FLOP/s as a fraction of a dense matmul measured in the same run. Each dtype runs in its own process so that
 peak memory is its own. Not a test: timings on shared machines are noisy; compare ratios of one run.
@@ -45,19 +46,30 @@ def flops_of(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def run_variant(config: str, dtype: str, steps: int) -> dict:
+def peak_device_bytes() -> int | None:
+    """Peak bytes the first device has held (GPU / TPU allocators report it; the CPU does not)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...] = (), profile: bool = False) -> dict:
+    """One training-step measurement; `variant` is "dtype" or "dtype:precision"; `profile`: also the step
+    time by operation kind, from XLA's profile (scripts/xla_profile.py)."""
     import jax
     import numpy as np
 
     from cltdr_jax.config import load_config
     from cltdr_jax.convert import count_params
-    from cltdr_jax.model.detector import CLTDRGMG
     from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import compile_train_step, create_state, make_mesh, make_train_step
+    from cltdr_jax.train import compile_train_step, create_state, make_mesh, make_train_step, training_model
 
-    cfg = load_config(config, [f"trainer.compute_dtype={dtype}"])
+    dtype, _, precision = variant.partition(":")
+    sets = [f"trainer.compute_dtype={dtype}", *([f"trainer.precision={precision}"] if precision else []), *overrides]
+    cfg = load_config(config, sets)
     b, t, d = cfg.loader.batch_size, cfg.dataset.max_seq_len, cfg.dataset.input_dim
-    model = CLTDRGMG(cfg.model, cfg.train_cfg)
+    model = training_model(cfg)
     tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
     step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
     state = create_state(cfg, model, tx, 0, replicated)
@@ -75,6 +87,7 @@ def run_variant(config: str, dtype: str, steps: int) -> dict:
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = flops_of(compiled)
+    memory = compiled.memory_analysis()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times = []
@@ -84,9 +97,24 @@ def run_variant(config: str, dtype: str, steps: int) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    breakdown = None
+    if profile:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from xla_profile import op_breakdown
+
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], m = compiled(holder["state"], batch)
+            return m
+
+        breakdown = op_breakdown(compiled, one_step, repeats=2)
     roof = matmul_gflops("float32" if dtype == "float32" else "bfloat16")
+    peak = peak_device_bytes()
     return {
         "compute_dtype": dtype,
+        "precision": cfg.trainer.precision,
+        "peak_device_gb": round(peak / 2**30, 2) if peak else None,
         "params": count_params(state.params),
         "batch": [b, t, d],
         "compile_s": round(compile_s, 2),
@@ -94,12 +122,17 @@ def run_variant(config: str, dtype: str, steps: int) -> dict:
         "step_s_all": [round(x, 3) for x in times],
         "steps_per_s": round(1 / step_s, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        # XLA's own memory analysis of the compiled step: its temporaries and its arguments / outputs.
+        "xla_temp_gb": round(memory.temp_size_in_bytes / 2**30, 2) if memory else None,
+        "xla_argument_gb": round(memory.argument_size_in_bytes / 2**30, 2) if memory else None,
+        "xla_output_gb": round(memory.output_size_in_bytes / 2**30, 2) if memory else None,
         "xla_gflop_per_step": round(flops / 1e9, 1),
         "achieved_gflops": round(flops / step_s / 1e9, 1),
         f"matmul_roof_{dtype}_gflops": round(roof, 1),
         "fraction_of_matmul_roof": round(flops / step_s / 1e9 / roof, 3),
         "final_loss_finite": bool(np.isfinite(float(metrics["final_loss"]))),
         "device": str(jax.devices()[0].device_kind),
+        "profile_by_op_kind": breakdown,
     }
 
 
@@ -107,20 +140,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "thumos_i3d_focalloss.yaml"))
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--dtypes",
+        "--variants",
+        dest="variants",
+        default="float32,bfloat16",
+        help="comma-separated dtype[:precision] variants (precision default: trainer.precision)",
+    )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    parser.add_argument("--profile", action="store_true", help="also the step time by operation kind (XLA profile)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.config, args.variant, args.steps)))
+        print(json.dumps(run_variant(args.config, args.variant, args.steps, tuple(args.overrides), args.profile)))
         return
     results = []
-    for dtype in args.dtypes.split(","):
-        cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", dtype]
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", variant]
+        cmd += [f"--set={o}" for o in args.overrides] + (["--profile"] if args.profile else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = {
         "benchmark": "train step, THUMOS I3D config",
-        "reference_pytorch_2core_cpu": {"step_s": 4.28, "peak_rss_gb": 3.5, "source": "shared/PERFORMANCE.md"},
         "results": results,
     }
     if len(results) == 2:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cltdr_jax.synth import profile_config
+
 # Quantile levels of the stored distributions: every 5 %, finer in the tails (heavy-tailed durations/counts).
 QUANTILES = np.round(np.r_[0.0, 0.01, 0.025, np.linspace(0.05, 0.95, 19), 0.975, 0.99, 1.0], 4)
 EPIC_TRAIN_VIDEOS = 495  # published EPIC-KITCHENS-100 training split size (the training CSV is absent here)
@@ -264,96 +266,17 @@ def confusable_pairs(ds: Dataset, min_jaccard: float = 0.1) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Conventions: features and the matching reference config (REFERENCE.md section 2.3)
+# The reference config each profile's datasets are shaped like (REFERENCE.md section 2.3). A profile names
+# it instead of copying it: `cltdr synth` loads it from the bundled configs (cltdr_jax.synth.profile_config)
+# and applies these overrides (a synthetic dataset has no output folder or particular GPU; the dataset's
+# paths and sizes are filled in by synth itself).
 
-_COMMON_TRAIN = {"center_sample": "radius", "center_sample_radius": 1.5, "cls_prior_prob": 0.01}
-_COMMON_TEST = {"pre_nms_thresh": 0.001, "iou_threshold": 0.1, "nms_method": "soft", "min_score": 0.001}
-_THUMOS_MODEL = {"fpn_type": "identity", "backbone_arch": [2, 2, 5], "n_sgp_win_size": 1, "num_bins": 16}
-
-# fmt: off
-CONVENTIONS = {
-    "thumos14": {  # th-i3d: thumos_i3d_focalloss.yaml
-        "dataset_name": "thumos",
-        "train_split": ["validation"],
-        "val_split": ["test"],
-        "dataset": {
-            "file_prefix": None, "file_ext": ".npy", "num_classes": 20, "input_dim": 2048,
-            "feat_stride": 4, "num_frames": 16, "default_fps": None, "trunc_thresh": 0.5,
-            "crop_ratio": [0.9, 1.0], "max_seq_len": 2304,
-        },
-        "model": {**_THUMOS_MODEL, "sgp_mlp_dim": 768, "input_noise": 0.05, "iou_weight_power": 0.2,
-                  "max_buffer_len_factor": 6.0, "k": 5},
-        "opt": {"type": "AdamW", "learning_rate": 1e-4, "weight_decay": 0.035, "warmup": True,
-                "warmup_epochs": 20, "epochs": 20, "schedule_type": "cosine"},
-        "loader": {"batch_size": 2},
-        "train_cfg": {**_COMMON_TRAIN, "loss_weight": 1.0, "clip_grad_l2norm": 1.0, "init_loss_norm": 100,
-                      "droppath": 0.1},
-        "test_cfg": {**_COMMON_TEST, "pre_nms_topk": 2000, "max_seg_num": 2000, "multiclass_nms": True,
-                     "voting_thresh": 0.7},
-    },
-    "multithumos": {  # mth-i3d: multithumos_i3d.yaml
-        "dataset_name": "multithumos",
-        "train_split": ["validation"],
-        "val_split": ["test"],
-        "dataset": {
-            "file_prefix": None, "file_ext": ".npy", "num_classes": 65, "input_dim": 2048,
-            "feat_stride": 4, "num_frames": 16, "default_fps": None, "trunc_thresh": 0.5,
-            "crop_ratio": [0.9, 1.0], "max_seq_len": 2304,
-        },
-        "model": {**_THUMOS_MODEL, "sgp_mlp_dim": 1024, "input_noise": 0.0005, "iou_weight_power": 0.2,
-                  "max_buffer_len_factor": 6.0, "k": 5},
-        "opt": {"type": "AdamW", "learning_rate": 1.5e-4, "weight_decay": 0.03, "warmup": True,
-                "warmup_epochs": 25, "epochs": 35, "schedule_type": "cosine"},
-        "loader": {"batch_size": 2},
-        "train_cfg": {**_COMMON_TRAIN, "loss_weight": 1.0, "clip_grad_l2norm": 1.0, "init_loss_norm": 100,
-                      "droppath": 0.1},
-        "test_cfg": {**_COMMON_TEST, "pre_nms_topk": 8000, "max_seg_num": 8000, "multiclass_nms": True,
-                     "voting_thresh": 0.7},
-    },
-    "activitynet": {  # anet: anet_tsp.yaml (ext_score_file dropped: the CUHK scores are not available)
-        "dataset_name": "anet",
-        "train_split": ["training"],
-        "val_split": ["validation"],
-        "dataset": {
-            "file_prefix": "v_", "file_ext": ".npy", "num_classes": 1, "input_dim": 512,
-            "feat_stride": 16, "num_frames": 16, "default_fps": 15, "trunc_thresh": 0.5,
-            "crop_ratio": [0.9, 1.0], "max_seq_len": 768,
-        },
-        "model": {"fpn_type": "identity", "backbone_arch": [2, 2, 5], "embd_dim": 256, "fpn_dim": 256,
-                  "head_dim": 512, "sgp_mlp_dim": 2048, "n_sgp_win_size": 15, "num_bins": 12,
-                  "use_abs_pe": True, "input_noise": 0.5, "iou_weight_power": 1.0, "init_conv_vars": 0.2,
-                  "max_buffer_len_factor": 1.0, "k": 1.3},
-        "opt": {"type": "AdamW", "learning_rate": 1e-3, "weight_decay": 0.045, "warmup": True,
-                "warmup_epochs": 10, "epochs": 5, "schedule_type": "cosine", "eta_min": 2e-5},
-        "loader": {"batch_size": 16},
-        "train_cfg": {**_COMMON_TRAIN, "loss_weight": 1.0, "clip_grad_l2norm": 0.4, "init_loss_norm": 400,
-                      "droppath": 0.1, "label_smoothing": 0.1},
-        "test_cfg": {**_COMMON_TEST, "pre_nms_topk": 2000, "max_seg_num": 200, "nms_sigma": 0.7,
-                     "multiclass_nms": False, "voting_thresh": 0.95, "duration_thresh": 0.1},
-    },
-    "epic": {  # epic-v: epic_slowfast_verb_vflloss.yaml
-        "dataset_name": "epic",
-        "train_split": ["training"],
-        "val_split": ["validation"],
-        "dataset": {
-            "file_prefix": None, "file_ext": ".npz", "num_classes": 97, "input_dim": 2304,
-            "feat_stride": 16, "num_frames": 32, "default_fps": 30, "trunc_thresh": 0.3,
-            "crop_ratio": [0.9, 1.0], "max_seq_len": 2304,
-        },
-        "model": {"fpn_type": "identity", "backbone_arch": [2, 2, 5], "sgp_mlp_dim": 768,
-                  "n_sgp_win_size": 5, "num_bins": 16, "input_noise": 0.0003, "iou_weight_power": 0.25,
-                  "max_buffer_len_factor": 6.0, "k": 2,
-                  "regression_range": [[0, 4], [2, 8], [4, 16], [8, 32], [16, 64], [32, 10000]]},
-        "opt": {"type": "AdamW", "learning_rate": 1e-4, "weight_decay": 0.04, "warmup": True,
-                "warmup_epochs": 16, "epochs": 12, "schedule_type": "cosine", "eta_min": 5e-5},
-        "loader": {"batch_size": 2},
-        "train_cfg": {**_COMMON_TRAIN, "loss_weight": 1.0, "clip_grad_l2norm": 1.0, "init_loss_norm": 250,
-                      "droppath": 0.1},
-        "test_cfg": {**_COMMON_TEST, "pre_nms_topk": 5000, "max_seg_num": 2000, "nms_sigma": 0.4,
-                     "multiclass_nms": True, "voting_thresh": 0.7},
-    },
+BASE_CONFIGS = {
+    "thumos14": {"base": "thumos_i3d_focalloss", "overrides": ["output_folder=null"]},
+    "multithumos": {"base": "multithumos_i3d", "overrides": ["output_folder=null", "devices=[cuda:0]"]},
+    "activitynet": {"base": "anet_tsp", "overrides": ["output_folder=null", "test_cfg.ext_score_file=null"]},
+    "epic": {"base": "epic_slowfast_verb_vflloss", "overrides": ["output_folder=null", "devices=[cuda:0]"]},
 }
-# fmt: on
 
 SOURCES = {
     "thumos14": "thumos14/thumos14.json",
@@ -366,7 +289,7 @@ SOURCES = {
 
 
 def build_profile(name: str, ds: Dataset) -> dict:
-    conv = CONVENTIONS[name]
+    conv = profile_config({"config": BASE_CONFIGS[name]})
     unit = length_unit(ds)
     dup = also_labelled_as(ds)
     index = {c: i for i, c in enumerate(ds.classes)}
@@ -389,7 +312,7 @@ def build_profile(name: str, ds: Dataset) -> dict:
         "also_labelled_as": dup,
         "overlaps": overlap_pairs(ds, skip),
         "confusable": confusable_pairs(ds),
-        "config": conv,
+        "config": BASE_CONFIGS[name],
     }
 
 

@@ -5,6 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# The torch extra, so that its paths (torch.load / torch.save of checkpoints, .pt features, the pickle opt-in,
+# and torch reading the files we write without it) are tested too; the torch-free paths are tested with
+# torch hidden. A CPU build: $CLTDR_TORCH_WHEEL, else the CPU wheel of the machine's local wheel folder, else
+# PyPI's (a much larger download). CLTDR_NO_TORCH=1 skips it (those tests then skip and say why).
+if [ -z "${CLTDR_NO_TORCH:-}" ] && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  torch_wheel="${CLTDR_TORCH_WHEEL:-$(ls /opt/wheels/torch-*+cpu-cp311-*.whl 2>/dev/null | head -n 1 || true)}"
+  "$VENV/bin/python" -m pip install -q "${torch_wheel:-torch>=2.13}"
+fi
 "$VENV/bin/ruff" check cltdr_jax tests scripts
 "$VENV/bin/ruff" format --check cltdr_jax tests scripts
 exec "$VENV/bin/python" -m pytest -q "$@"

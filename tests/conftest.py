@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ def shared_dir() -> Path:
     if not (SHARED / "fixtures").is_dir():
         pytest.skip("needs ../shared (golden fixtures and real annotations), absent in this checkout")
     return SHARED
+
+
+@pytest.fixture
+def without_torch(monkeypatch):
+    """`import torch` fails inside the test, installed or not: the code paths of a plain install (torch is an
+    optional extra; CI installs it, so both paths run there)."""
+    monkeypatch.setitem(sys.modules, "torch", None)
 
 
 @pytest.fixture(scope="session")

@@ -118,3 +118,65 @@ def test_overrides():
         load_config(path, ["model.embd_dim=wide"])
     with pytest.raises(ConfigError, match="embd_dimm"):
         load_config(path, ["model.embd_dimm=256"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bundled configs: a name works wherever a CONFIG is taken; `cltdr configs` lists them.
+
+
+def test_bundled_configs_are_the_reference_eleven_and_one_explained_extra():
+    from cltdr_jax.config import bundled_config_dir, bundled_configs
+
+    assert bundled_config_dir() == CONFIGS  # a checkout or editable install reads configs/ itself
+    listed = {c.name: c for c in bundled_configs()}
+    assert sorted(n for n, c in listed.items() if c.reference) == sorted(REFERENCE)
+    extras = [c for c in listed.values() if not c.reference]
+    assert [c.name for c in extras] == ["thumos_i3d"]
+    assert "not one of the authors' 11 configs" in extras[0].description
+    assert "exists because" in extras[0].path.read_text().split("\ndataset_name")[0]
+    th = listed["thumos_i3d_focalloss"]
+    assert (th.result, th.average_map, th.tiou) == ("THUMOS14 I3D", 69.9, "0.3:0.1:0.7")
+    assert th.description.startswith("THUMOS14 (20 classes), I3D")
+    for c in listed.values():
+        if c.reference:
+            assert c.result and c.average_map and c.tiou, c.name
+
+
+def test_a_bundled_name_loads_like_the_file(tmp_path, monkeypatch):
+    from cltdr_jax.config import resolve_config
+
+    by_path = load_config(CONFIGS / "thumos_i3d_focalloss.yaml", ["model.embd_dim=256", "model.fpn_dim=256"])
+    monkeypatch.chdir(tmp_path)  # outside the checkout, as after `pip install`
+    by_name = load_config("thumos_i3d_focalloss", ["model.embd_dim=256", "model.fpn_dim=256"])
+    assert by_name == by_path
+    # The README's spelling works too where no such file is here; a file that exists always wins.
+    assert resolve_config("configs/thumos_i3d_focalloss.yaml") == CONFIGS / "thumos_i3d_focalloss.yaml"
+    mine = tmp_path / "thumos_i3d_focalloss.yaml"
+    mine.write_text(BASE)
+    assert resolve_config("thumos_i3d_focalloss.yaml") == mine.relative_to(tmp_path)
+    with pytest.raises(ConfigError, match="nor a bundled config.*thumos_videomae.*cltdr configs"):
+        load_config("thumos_i3d_focaloss")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "sub" / "thumos_i3d_focalloss.yaml")  # an explicit path is never replaced
+
+
+def test_configs_command_lists_dataset_features_and_paper_result(capsys):
+    from cltdr_jax.cli import main
+
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and line.split()[0] in REFERENCE}
+    assert sorted(rows) == sorted(REFERENCE)
+    assert "69.9" in rows["thumos_i3d_focalloss"] and "0.3:0.1:0.7" in rows["thumos_i3d_focalloss"]
+    assert "I3D RGB + flow features" in rows["thumos_i3d_focalloss"]
+    assert "37.1" in rows["anet_tsp"] and "TSP" in rows["anet_tsp"]
+    assert "not one of the reference's configs" in out and "thumos_i3d " in out
+
+
+def test_loader_num_workers_drives_the_data_workers(tmp_path):
+    path = _write(tmp_path, BASE)
+    assert load_config(path).data_workers == 0  # ours: the main process (the reference's default is 4)
+    assert load_config(path, ["loader.num_workers=3"]).data_workers == 3
+    # trainer.grain_workers, the old name, still loads and, where given, wins (configs written before).
+    old = load_config(path, ["loader.num_workers=4", "trainer.grain_workers=0"])
+    assert old.data_workers == 0

@@ -187,7 +187,7 @@ def test_pickle_features_need_the_opt_in(tmp_path):
     assert str(path) in str(e.value) and "'v'" in str(e.value)
 
 
-@pytest.mark.skipif(torch is None, reason="torch is not installed (optional extra)")
+@pytest.mark.skipif(torch is None, reason="the torch extra is not installed (CI installs it)")
 def test_torch_features(tmp_path):
     data = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     torch.save(data, tmp_path / "v.pt")
@@ -198,8 +198,7 @@ def test_torch_features(tmp_path):
     assert read_features(path, cfg, "s").shape == (3, 5)
 
 
-@pytest.mark.skipif(torch is not None, reason="torch is installed; the missing-torch message cannot occur")
-def test_torch_features_without_torch(tmp_path):
+def test_torch_features_without_torch(tmp_path, without_torch):
     path = tmp_path / "v.pt"
     path.write_bytes(b"anything")
     with pytest.raises(DataError, match="needs torch") as e:
@@ -231,6 +230,8 @@ BAD_FEATURES = [
     ("inf.npy", _save(np.array([[np.inf, 0, 0, 0]])), "NaN/Inf"),
     ("overflow.npy", _save(np.full((1, 4), 1e300)), "NaN/Inf"),
     ("text.npy", _save(np.array([["a"] * 4])), "numeric"),
+    ("complex.npy", _save(np.ones((2, 4), np.complex64)), "real numeric array, got dtype complex64"),
+    ("complex.npz", lambda p: np.savez(p, feats=np.ones((2, 4), np.complex128)), "real numeric array"),
     ("bad.pkl", lambda p: p.write_bytes(pickle.dumps({"x": 1})), "allow_pickle_features"),
     ("feats.txt", lambda p: p.write_text("1 2 3 4"), "unsupported extension"),
 ]

@@ -12,7 +12,6 @@ import pytest
 
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import ModelConfig, TrainConfig, load_config
-from cltdr_jax.points import make_points
 from cltdr_jax.losses import (
     detection_losses,
     diou_loss_1d,
@@ -20,6 +19,7 @@ from cltdr_jax.losses import (
     sigmoid_focal_loss,
     varifocal_loss,
 )
+from cltdr_jax.points import make_points
 
 LOG2 = math.log(2.0)
 _losses = jax.jit(detection_losses, static_argnums=(5, 6))

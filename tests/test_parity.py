@@ -12,8 +12,8 @@ import pytest
 from cltdr_jax.config import load_config
 from cltdr_jax.convert import convert_checkpoint
 from cltdr_jax.inference import pad_features, split_levels
-from cltdr_jax.model.trident import scored_segments
 from cltdr_jax.model.detector import CLTDRGMG
+from cltdr_jax.model.trident import scored_segments
 from cltdr_jax.postprocess import Detections, level_candidates, to_seconds, video_detections
 
 # fixture name -> our output name; fixture arrays are [channels, T_l], ours [T_l, channels]

@@ -67,23 +67,22 @@ def test_cmd_plot_writes_png(tmp_path, capsys):
     gt_path, det_path = _files(tmp_path)
     out = tmp_path / "fig" / "timeline.png"
     args = argparse.Namespace(detections=str(det_path), gt=str(gt_path), video="vid", out=str(out), top=3)
-    assert plots.cmd_plot(args) == 0
+    from cltdr_jax import commands
+
+    assert commands.plot(args) == 0
     _assert_png(out)
     assert "timeline.png" in capsys.readouterr().out
 
 
 def test_cmd_plot_missing_video_names_the_file(tmp_path):
     gt_path, det_path = _files(tmp_path)
-    args = argparse.Namespace(
-        detections=str(det_path), gt=str(gt_path), video="nope", out=str(tmp_path / "x.png"), top=3
-    )
     with pytest.raises(DataError, match=r"dets\.json: video 'nope'"):
-        plots.cmd_plot(args)
+        plots.plot_video(det_path, gt_path, "nope", tmp_path / "x.png", top=3)
     other = json.loads(det_path.read_text())
     other["results"]["nope"] = other["results"]["vid"]
     det_path.write_text(json.dumps(other))
     with pytest.raises(DataError, match=r"gt\.json: video 'nope'"):
-        plots.cmd_plot(args)
+        plots.plot_video(det_path, gt_path, "nope", tmp_path / "x.png", top=3)
 
 
 def test_plot_ap(tmp_path):

@@ -56,7 +56,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, like):
 )
 def test_feature_length_width_and_config(tmp_path, like, dim, videos):
     cfg = load_config(synth.synthesize(like, tmp_path, feature_dim=dim, num_videos=videos, seed=3))
-    conv = synth.load_profile(like)["config"]
+    conv = synth.profile_config(synth.load_profile(like))
     assert cfg.dataset_name == conv["dataset_name"]
     assert cfg.train_split == tuple(conv["train_split"]) and cfg.val_split == tuple(conv["val_split"])
     assert cfg.dataset.input_dim == cfg.model.input_dim == dim
@@ -186,7 +186,7 @@ def test_nearest_signature_probe(tmp_path, capsys):
     index = {c: i for i, c in enumerate(profile["classes"])}
     model = synth.feature_model(len(index), dim, 0, [(index[a], index[b]) for a, b in profile["confusable"]])
     signatures = model.bodies / np.linalg.norm(model.bodies, axis=1, keepdims=True)
-    d = profile["config"]["dataset"]
+    d = synth.profile_config(profile)["dataset"]
     hits = total = 0
     for vid, rec in _database(out).items():
         x = np.load(out / "features" / f"{vid}.npy")
@@ -205,10 +205,12 @@ def test_nearest_signature_probe(tmp_path, capsys):
 
 
 def test_cmd_synth_prints_what_it_wrote(tmp_path, capsys):
+    from cltdr_jax import commands
+
     args = argparse.Namespace(
         like="thumos14", out=str(tmp_path), feature_dim=8, videos=4, seed=0, annotations=None, difficulty=1.0
     )
-    assert synth.cmd_synth(args) == 0
+    assert commands.synth(args) == 0
     text = capsys.readouterr().out
     assert "Validation: 2 videos" in text and "Test: 2 videos" in text
     assert "[T, 8]" in text and str(tmp_path / "config.yaml") in text

@@ -9,9 +9,9 @@ import pytest
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import load_config
 from cltdr_jax.convert import convert_checkpoint
-from cltdr_jax.points import make_points
 from cltdr_jax.losses import detection_losses
 from cltdr_jax.model.detector import CLTDRGMG
+from cltdr_jax.points import make_points
 
 
 @pytest.mark.parametrize("batch", [0, 1])

@@ -156,8 +156,9 @@ def read_features(
     else:
         raise _fail(path, video_id, f"unsupported extension {ext!r} (use .npy, .npz, .pt or .pkl)")
 
-    if not np.issubdtype(feats.dtype, np.number):
-        raise _fail(path, video_id, f"expected a numeric array, got dtype {feats.dtype}")
+    # Real numbers only: a complex array would lose its imaginary part silently in the float32 cast.
+    if not (np.issubdtype(feats.dtype, np.floating) or np.issubdtype(feats.dtype, np.integer)):
+        raise _fail(path, video_id, f"expected a real numeric array, got dtype {feats.dtype}")
     if feats.ndim != 2:
         raise _fail(path, video_id, f"expected a 2-D array [T, D], got shape {list(feats.shape)}")
     if columns is not None:

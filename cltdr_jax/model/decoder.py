@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cltdr_jax.model.layers import ChannelLayerNorm, Conv1D, MaskedConv1D, UpConv, constant
+from cltdr_jax.model.layers import ChannelLayerNorm, Conv1D, Dtype, MaskedConv1D, Precision, UpConv, constant
 
 Array = jax.Array
 
@@ -30,15 +30,18 @@ class DecoupledFusion(nn.Module):
 
     neighbours: tuple[str, ...]
     fusion: str = "attention"
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, feats: list[Array]) -> list[Array]:
         d = feats[0].shape[-1]
-        up = UpConv(d, name="contrans") if "above" in self.neighbours else None
-        down = Conv1D(d, 3, stride=2, name="down") if "below" in self.neighbours else None
-        pointwise = Conv1D(d, 1, name="conv_l") if self.fusion == "attention" else None
-        attn = Conv1D(d, 1, name="attn") if self.fusion == "attention" else None
-        concat = Conv1D(d, 1, name="concat_proj") if self.fusion == "concat" else None
+        c = {"dtype": self.dtype, "precision": self.precision}
+        up = UpConv(d, **c, name="contrans") if "above" in self.neighbours else None
+        down = Conv1D(d, 3, stride=2, **c, name="down") if "below" in self.neighbours else None
+        pointwise = Conv1D(d, 1, **c, name="conv_l") if self.fusion == "attention" else None
+        attn = Conv1D(d, 1, **c, name="attn") if self.fusion == "attention" else None
+        concat = Conv1D(d, 1, **c, name="concat_proj") if self.fusion == "concat" else None
 
         out = []
         for l, p in enumerate(feats):
@@ -69,11 +72,14 @@ class DecoupledFusion(nn.Module):
 class CrossLevelFusion(nn.Module):
     """CLFF: F_l = (Up(P_{l+1}) + P_l) + Down(P_{l-1}), two-input versions at both ends (REFERENCE.md 5.4)."""
 
+    dtype: Dtype = None
+    precision: Precision = None
+
     @nn.compact
     def __call__(self, feats: list[Array]) -> list[Array]:
         d = feats[0].shape[-1]
-        up = UpConv(d, name="convtrans")
-        down = Conv1D(d, 3, stride=2, name="conv")
+        up = UpConv(d, dtype=self.dtype, precision=self.precision, name="convtrans")
+        down = Conv1D(d, 3, stride=2, dtype=self.dtype, precision=self.precision, name="conv")
         last = len(feats) - 1
         out = []
         for l, p in enumerate(feats):
@@ -93,11 +99,20 @@ class HeadTrunk(nn.Module):
     kernel_size: int
     num_layers: int
     with_ln: bool = True
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
         for j in range(self.num_layers):
-            x = MaskedConv1D(self.features, self.kernel_size, use_bias=not self.with_ln, name=f"head_{j}")(x, mask)
+            x = MaskedConv1D(
+                self.features,
+                self.kernel_size,
+                use_bias=not self.with_ln,
+                dtype=self.dtype,
+                precision=self.precision,
+                name=f"head_{j}",
+            )(x, mask)
             if self.with_ln:
                 x = ChannelLayerNorm(name=f"norm_{j}")(x)
             x = jax.nn.relu(x)
@@ -123,14 +138,18 @@ class ClassifierHead(nn.Module):
     with_ln: bool
     prior_prob: float
     empty_classes: tuple[int, ...] = ()
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
-        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
+        c = {"dtype": self.dtype, "precision": self.precision}
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, **c, name="trunk")
         final = MaskedConv1D(
             self.num_classes,
             self.kernel_size,
             bias_init=prior_bias(self.num_classes, self.prior_prob, self.empty_classes),
+            **c,
             name="cls_head",
         )
         return [final(trunk(f, m), m) for f, m in zip(feats, masks, strict=True)]
@@ -149,15 +168,18 @@ class RefineHead(nn.Module):
     num_layers: int
     with_ln: bool
     num_levels: int
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, feats: list[Array], masks: list[Array]) -> tuple[list[Array], list[Array], list[Array]]:
         for l in range(self.num_levels):
             self.param(f"scale_{l}", constant(1.0), ())
-        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
-        start = MaskedConv1D(self.num_classes, 7, name="s_offset_head")
-        end = MaskedConv1D(self.num_classes, 7, name="e_offset_head")
-        prob = MaskedConv1D(self.num_classes, self.kernel_size, name="prob_head")
+        c = {"dtype": self.dtype, "precision": self.precision}
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, **c, name="trunk")
+        start = MaskedConv1D(self.num_classes, 7, **c, name="s_offset_head")
+        end = MaskedConv1D(self.num_classes, 7, **c, name="e_offset_head")
+        prob = MaskedConv1D(self.num_classes, self.kernel_size, **c, name="prob_head")
         starts, ends, probs = [], [], []
         for f, m in zip(feats, masks, strict=True):
             h = trunk(f, m)

@@ -1,6 +1,6 @@
 """CLTDR-GMG: the GMG encoder and the CLTDR decoder as one Flax module.
 
-    model = CLTDRGMG(cfg.model, cfg.train_cfg)
+    model = CLTDRGMG(cfg.model, cfg.train_cfg, dtype=jnp.bfloat16, precision="default")  # defaults: f32, highest
     variables = model.init(rng, feats, mask)           # feats [B, T_pad, D_in], mask [B, T_pad]
     outputs = model.apply(variables, feats, mask)       # dict of per-level lists, channels-last
 
@@ -13,6 +13,10 @@ Outputs (lists over levels l = 0 ... L-1, T_l = T_pad / 2**l):
   refine_start, refine_end [B, T_l, C]  RefineHead boundary shifts, in input-grid units
   masks               [B, T_l] bool
 and, for parity tests, the feature maps backbone_feats, fpn_feats, cls_feats, reg_feats, cross_feats.
+
+`dtype` is the compute dtype of every layer (parameters stay float32; norms, the FFT branch and the head
+outputs above are float32 whatever it is), `precision` the matmul / convolution precision (`highest`, the
+default, reproduces the reference exactly; see `layers.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from cltdr_jax.config import ModelConfig, TrainConfig
 from cltdr_jax.model.decoder import ClassifierHead, CrossLevelFusion, DecoupledFusion, RefineHead
 from cltdr_jax.model.encoder import Encoder
+from cltdr_jax.model.layers import Dtype, Precision
 from cltdr_jax.model.trident import TridentHead
 
 Array = jax.Array
@@ -32,17 +37,21 @@ Array = jax.Array
 class CLTDRGMG(nn.Module):
     cfg: ModelConfig
     train_cfg: TrainConfig = TrainConfig()
+    dtype: Dtype = jnp.float32
+    precision: Precision = "highest"
 
     @nn.compact
     def __call__(self, feats: Array, mask: Array, deterministic: bool = True) -> dict[str, list[Array]]:
         m, t = self.cfg, self.train_cfg
+        c = {"dtype": self.dtype, "precision": self.precision}
         num_levels = m.backbone_arch[2] + 1
         trunk_layers = m.head_num_layers - 1
-        fpn, backbone, masks = Encoder(m, drop_path=t.droppath, name="backbone")(feats, mask, deterministic)
+        feats = feats.astype(self.dtype)
+        fpn, backbone, masks = Encoder(m, drop_path=t.droppath, **c, name="backbone")(feats, mask, deterministic)
 
-        cls_feats = DecoupledFusion(m.cls_fusion_levels, m.fusion, name="decls")(fpn)
-        reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, name="dereg")(fpn)
-        cross_feats = CrossLevelFusion(name="cross_level")(fpn)
+        cls_feats = DecoupledFusion(m.cls_fusion_levels, m.fusion, **c, name="decls")(fpn)
+        reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, **c, name="dereg")(fpn)
+        cross_feats = CrossLevelFusion(**c, name="cross_level")(fpn)
 
         coarse = ClassifierHead(
             m.head_dim,
@@ -52,6 +61,7 @@ class CLTDRGMG(nn.Module):
             m.head_with_ln,
             t.cls_prior_prob,
             tuple(t.head_empty_cls),
+            **c,
             name="cls_head",
         )(cls_feats, masks)
         start, end, offsets = TridentHead(
@@ -64,6 +74,7 @@ class CLTDRGMG(nn.Module):
             m.head_with_ln,
             t.cls_prior_prob,
             tuple(t.head_empty_cls),
+            **c,
             name="trident",
         )(fpn, reg_feats, masks)
         refine_start, refine_end, refine_prob = RefineHead(
@@ -73,8 +84,14 @@ class CLTDRGMG(nn.Module):
             trunk_layers,
             m.head_with_ln,
             num_levels,
+            **c,
             name="refine_head",
         )(cross_feats, masks)
+        # The losses and the decoder work in float32 whatever the compute dtype.
+        coarse, start, end, offsets, refine_start, refine_end, refine_prob = (
+            [x.astype(jnp.float32) for x in xs]
+            for xs in (coarse, start, end, offsets, refine_start, refine_end, refine_prob)
+        )
 
         if m.refine_cls:
             cls_logits = [a * r for a, r in zip(coarse, refine_prob, strict=True)]

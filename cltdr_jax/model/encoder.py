@@ -13,7 +13,7 @@ import numpy as np
 
 from cltdr_jax.config import ModelConfig
 from cltdr_jax.model.gmg import GMGBlock
-from cltdr_jax.model.layers import ChannelLayerNorm, MaskedConv1D
+from cltdr_jax.model.layers import ChannelLayerNorm, Dtype, MaskedConv1D, Precision
 
 Array = jax.Array
 
@@ -49,14 +49,17 @@ class Encoder(nn.Module):
 
     cfg: ModelConfig
     drop_path: float = 0.1
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool = True):
+        compute = {"dtype": self.dtype, "precision": self.precision}
         m = self.cfg
         num_embd, num_stem, num_branch = m.backbone_arch
         d = m.embd_dim
         for j in range(num_embd):
-            x = MaskedConv1D(d, m.embd_kernel_size, use_bias=not m.embd_with_ln, name=f"embd_{j}")(x, mask)
+            x = MaskedConv1D(d, m.embd_kernel_size, use_bias=not m.embd_with_ln, **compute, name=f"embd_{j}")(x, mask)
             if m.embd_with_ln:
                 x = ChannelLayerNorm(name=f"embd_norm_{j}")(x)
             x = jax.nn.relu(x)
@@ -76,6 +79,7 @@ class Encoder(nn.Module):
                 branches=m.gmg_branches,
                 gate=m.gmg_gate,
                 init_conv_std=m.init_conv_vars,
+                **compute,
                 name=f"stem_{j}",
             )(x, mask, deterministic)
         feats, masks = [x], [mask]
@@ -89,6 +93,7 @@ class Encoder(nn.Module):
                 branches=m.gmg_branches,
                 gate=m.gmg_gate,
                 init_conv_std=m.init_conv_vars,
+                **compute,
                 name=f"branch_{j}",
             )(x, mask, deterministic)
             feats.append(x)

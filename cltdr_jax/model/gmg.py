@@ -12,7 +12,10 @@ import jax.numpy as jnp
 
 from cltdr_jax.model.layers import (
     ChannelLayerNorm,
+    Dtype,
     GroupNorm,
+    Precision,
+    cast,
     constant,
     dense,
     downsample_mask,
@@ -94,9 +97,12 @@ class GMGBlock(nn.Module):
     init_conv_std: float = 0.0
     branches: tuple[str, ...] = ("instant", "local", "global")
     gate: bool = True
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> tuple[Array, Array]:
+        x = cast(x, self.dtype)
         d = x.shape[-1]
         if self.stride == 2:
             x, mask = max_pool_k3s2(x), downsample_mask(mask)
@@ -141,7 +147,8 @@ class GMGBlock(nn.Module):
         mlp0_b = self.param("mlp0_bias", nn.initializers.zeros, (self.hidden_dim,))
         mlp2 = self.param("mlp2_kernel", torch_uniform(self.hidden_dim), (self.hidden_dim, d))
         mlp2_b = self.param("mlp2_bias", nn.initializers.zeros, (d,))
-        h = dense(gelu(dense(h, mlp0) + mlp0_b.astype(h.dtype)), mlp2) + mlp2_b.astype(h.dtype)
+        p = self.precision
+        h = dense(gelu(dense(h, mlp0, p) + mlp0_b.astype(h.dtype)), mlp2, p) + mlp2_b.astype(h.dtype)
         if self.layer_scale:
             gamma2 = self.param("gamma2", constant(1e-4), (d,))
             z = y + DropPath(self.drop_path)(gamma2.astype(h.dtype) * h, deterministic)

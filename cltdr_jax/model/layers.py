@@ -1,8 +1,13 @@
 """Primitive layers shared by the encoder and decoder (REFERENCE.md 4.1 and 5.1).
 
 Channels-last: activations are `[B, T, C]`, masks `[B, T]` bool. Kernels are stored as `[K, C_in, C_out]`
-(a torch Conv1d weight `[C_out, C_in, K]` transposed). Every convolution pads with zeros and is computed
-at HIGHEST precision so that float32 results match the reference on every backend.
+(a torch Conv1d weight `[C_out, C_in, K]` transposed). Every convolution pads with zeros.
+
+Compute dtype and matmul precision are module attributes (the Flax convention), passed down from the
+detector (`CLTDRGMG(dtype=..., precision=...)`, set from the config): `dtype` None computes in the input's
+dtype, parameters stay float32 and are cast; `precision` is any `jax.lax.Precision` (or its name).
+`highest` reproduces the reference's float32 results on every backend (the parity tests pin it); `default`
+lets a GPU use TF32, as the reference's own GPU training does, and is the same arithmetic on a CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 
 Array = jax.Array
 Init = Callable[..., Array]
-HIGHEST = jax.lax.Precision.HIGHEST
+Dtype = Any  # a jnp dtype, or None: the input's
+Precision = Any  # a jax.lax.Precision, its name ("highest", "default", ...), or None (JAX's default)
 
 LN_EPS = 1e-5  # the reference's LayerNorm and GroupNorm eps (Flax defaults to 1e-6)
 
@@ -44,22 +50,22 @@ def gelu(x: Array) -> Array:
 NARROW_CONV_MAX_OUT = 64  # conv1d computes narrower stride-1 convolutions as one matmul over the taps
 
 
-def conv1d(x: Array, kernel: Array, stride: int = 1) -> Array:
+def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None) -> Array:
     """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O]."""
     k, _, out = kernel.shape
     if stride == 1 and k > 1 and k % 2 == 1 and out <= NARROW_CONV_MAX_OUT:
-        return _narrow_conv1d(x, kernel)
+        return _narrow_conv1d(x, kernel, precision)
     return jax.lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
         window_strides=(stride,),
         padding=((k // 2, k // 2),),
         dimension_numbers=("NWC", "WIO", "NWC"),
-        precision=HIGHEST,
+        precision=precision,
     )
 
 
-def _narrow_conv1d(x: Array, kernel: Array) -> Array:
+def _narrow_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Array:
     """conv1d (stride 1) for few output channels: y[t] = sum_j (x @ kernel[j])[t + j - K//2].
 
     XLA's CPU convolution is slow for thin outputs (512 -> 20, kernel 3 or 7, the heads' last layers: about
@@ -69,7 +75,7 @@ def _narrow_conv1d(x: Array, kernel: Array) -> Array:
     k, i, o = kernel.shape
     t, pad = x.shape[1], k // 2
     taps = jnp.transpose(kernel.astype(x.dtype), (1, 0, 2)).reshape(i, k * o)
-    z = jnp.matmul(x, taps, precision=HIGHEST, preferred_element_type=jnp.float32)
+    z = jnp.matmul(x, taps, precision=precision, preferred_element_type=jnp.float32)
     z = jnp.pad(z, ((0, 0), (pad, pad), (0, 0)))
     y = z[:, 0:t, 0:o]
     for j in range(1, k):
@@ -77,9 +83,14 @@ def _narrow_conv1d(x: Array, kernel: Array) -> Array:
     return y.astype(x.dtype)
 
 
-def dense(x: Array, kernel: Array) -> Array:
+def dense(x: Array, kernel: Array, precision: Precision = None) -> Array:
     """A 1x1 convolution as a matmul: x [..., I], kernel [I, O] -> [..., O]."""
-    return jnp.matmul(x, kernel.astype(x.dtype), precision=HIGHEST)
+    return jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
+
+
+def cast(x: Array, dtype: Dtype) -> Array:
+    """x in the compute dtype (unchanged when dtype is None)."""
+    return x if dtype is None else x.astype(dtype)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -123,15 +134,18 @@ class Conv1D(nn.Module):
     stride: int = 1
     use_bias: bool = True
     bias_init: Init | None = None  # None: PyTorch's default uniform bias init
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        x = cast(x, self.dtype)
         fan_in = x.shape[-1] * self.kernel_size
         kernel = self.param("kernel", torch_uniform(fan_in), (self.kernel_size, x.shape[-1], self.features))
         if self.kernel_size == 1 and self.stride == 1:
-            y = dense(x, kernel[0])
+            y = dense(x, kernel[0], self.precision)
         else:
-            y = conv1d(x, kernel, self.stride)
+            y = conv1d(x, kernel, self.stride, self.precision)
         if self.use_bias:
             bias = self.param("bias", self.bias_init or torch_uniform(fan_in), (self.features,))
             y = y + bias.astype(y.dtype)
@@ -145,10 +159,20 @@ class MaskedConv1D(nn.Module):
     kernel_size: int
     use_bias: bool = True
     bias_init: Init = nn.initializers.zeros
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array) -> Array:
-        y = Conv1D(self.features, self.kernel_size, use_bias=self.use_bias, bias_init=self.bias_init, name="conv")(x)
+        y = Conv1D(
+            self.features,
+            self.kernel_size,
+            use_bias=self.use_bias,
+            bias_init=self.bias_init,
+            dtype=self.dtype,
+            precision=self.precision,
+            name="conv",
+        )(x)
         return y * mask[..., None].astype(y.dtype)
 
 
@@ -162,17 +186,21 @@ class UpConv(nn.Module):
     """
 
     features: int
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        x = cast(x, self.dtype)
         b, t, c = x.shape
         # PyTorch takes a transposed conv's fan_in from weight dim 1 (out channels) times the kernel.
         init = torch_uniform(self.features * 3)
         kernel = self.param("kernel", init, (3, c, self.features))
         bias = self.param("bias", init, (self.features,))
         x_next = jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
-        even = dense(x, kernel[1]) + bias
-        odd = dense(x, kernel[2]) + dense(x_next, kernel[0]) + bias
+        bias = bias.astype(x.dtype)
+        even = dense(x, kernel[1], self.precision) + bias
+        odd = dense(x, kernel[2], self.precision) + dense(x_next, kernel[0], self.precision) + bias
         return jnp.stack([even, odd], axis=2).reshape(b, 2 * t, self.features)
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cltdr_jax.model.decoder import ClassifierHead, HeadTrunk
-from cltdr_jax.model.layers import MaskedConv1D, constant
+from cltdr_jax.model.layers import Dtype, MaskedConv1D, Precision, constant
 
 Array = jax.Array
 
@@ -41,11 +41,14 @@ class CentreOffsetHead(nn.Module):
     kernel_size: int
     num_layers: int
     with_ln: bool
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, feats: list[Array], masks: list[Array]) -> list[Array]:
-        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, name="trunk")
-        final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, name="offset_head")
+        c = {"dtype": self.dtype, "precision": self.precision}
+        trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, **c, name="trunk")
+        final = MaskedConv1D(2 * (self.num_bins + 1), self.kernel_size, **c, name="offset_head")
         out = []
         for l, (f, m) in enumerate(zip(feats, masks, strict=True)):
             scale = self.param(f"scale_{l}", constant(1.0), ())
@@ -68,6 +71,8 @@ class TridentHead(nn.Module):
     with_ln: bool
     prior_prob: float
     empty_classes: tuple[int, ...] = ()
+    dtype: Dtype = None
+    precision: Precision = None
 
     @nn.compact
     def __call__(
@@ -82,6 +87,8 @@ class TridentHead(nn.Module):
                 self.with_ln,
                 self.prior_prob,
                 self.empty_classes,
+                dtype=self.dtype,
+                precision=self.precision,
                 name=name,
             )
 
@@ -90,7 +97,14 @@ class TridentHead(nn.Module):
         start = boundary("start_head")(detached, masks)
         end = boundary("end_head")(detached, masks)
         offsets = CentreOffsetHead(
-            self.head_dim, self.num_bins, self.kernel_size, self.num_layers, self.with_ln, name="reg_head"
+            self.head_dim,
+            self.num_bins,
+            self.kernel_size,
+            self.num_layers,
+            self.with_ln,
+            dtype=self.dtype,
+            precision=self.precision,
+            name="reg_head",
         )(reg_feats, masks)
         return start, end, offsets
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Speed and memory of cltdr-jax against the authors' PyTorch code, measured side by side in one run.
+
+    python scripts/benchmark_vs_reference.py [--rounds 2] [--parts train,infer,demo] [--out bench.json]
+
+Needs the reference harness set up (../shared/tools/reference/setup.sh: REF_DIR, REF_PY or their defaults).
+Every measurement is its own process, and reference and ours alternate, round after round, so that a
+change in the machine's speed during the run hits both; the report gives each figure per round and the
+ratios of the medians. Run it on an otherwise idle machine. Parts:
+
+  * roofs: float32 matmul and bfloat16 dot (float32 accumulation) rates of `jnp.dot` 2048^3, in this run;
+  * train: THUMOS I3D config, batch 2 x 2304 x 2048: the reference's step (`ref_bench.py --what train`)
+    and ours in float32 and bfloat16 compute (`benchmark_train.py`, with the step time by operation kind
+    from XLA's profile, peak RSS and XLA's memory analysis);
+  * infer: one video of T = 2304: the reference's network (`ref_bench.py --what infer`) and ours in float32
+    and bfloat16 (`benchmark_inference.py`: pad, run, read back);
+  * demo: the demo's small config (64 channels, batch 4, T = 512) on the same `cltdr synth` data, for
+    `--demo-epochs` epochs: the reference's training loop (`ref_train_synth.py`, its epochs' time) against
+    `cltdr train` (its steps' time from log.jsonl, the first, compiling step left out), and our compiled step
+    alone on the same batch shapes (the loop's overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = REPO.parent / "shared" / "tools" / "reference"
+CONFIG = REPO / "configs" / "thumos_i3d_focalloss.yaml"
+
+
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
+    """Runs a command that prints one JSON object (the last lines of stdout), and returns it."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode not in (0, 3):  # ref_bench exits 3 when contention kept it from finishing cleanly
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    text = out.stdout.strip()
+    return json.loads(text[text.index("{") :])
+
+
+def roofs() -> dict:
+    code = (
+        "import json,statistics,time,jax,jax.numpy as jnp\n"
+        "def rate(dt):\n"
+        "    a=jax.random.normal(jax.random.key(0),(2048,2048)).astype(dt)\n"
+        "    f=jax.jit(lambda x,y: jnp.dot(x,y,preferred_element_type=jnp.float32)); f(a,a).block_until_ready()\n"
+        "    ts=[]\n"
+        "    for _ in range(7):\n"
+        "        t=time.perf_counter(); f(a,a).block_until_ready(); ts.append(time.perf_counter()-t)\n"
+        "    return 2*2048**3/statistics.median(ts)/1e9\n"
+        "print(json.dumps({'float32_matmul_gflops': round(rate(jnp.float32),1),"
+        " 'bfloat16_dot_gflops': round(rate(jnp.bfloat16),1)}))\n"
+    )
+    return run_json([sys.executable, "-c", code])
+
+
+def ref_python() -> str:
+    root = Path(os.environ.get("REF_ROOT", Path(os.environ.get("TMPDIR", "/tmp")) / "cltdr-reference"))
+    return os.environ.get("REF_PY", str(root / "venv" / "bin" / "python"))
+
+
+def train_round(steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = run_json([ref_python(), str(TOOLS / "ref_bench.py"), "--what", "train", "--iters", str(steps),
+                        "--warmup", "1", "--out", f"{tmp}/ref.json"])  # fmt: skip
+    ours = run_json([sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--config", str(CONFIG),
+                     "--steps", str(steps), "--variants", "float32,bfloat16", "--profile"])  # fmt: skip
+    return {"reference": ref, "ours": ours["results"]}
+
+
+def infer_round(repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = run_json([ref_python(), str(TOOLS / "ref_bench.py"), "--what", "infer", "--T", "2304",
+                        "--iters", str(repeats), "--out", f"{tmp}/ref.json"])  # fmt: skip
+    ours = {}
+    for dtype in ("float32", "bfloat16"):
+        script = str(REPO / "scripts" / "benchmark_inference.py")
+        cmd = [sys.executable, script, "--config", str(CONFIG), "--lengths", "2304", "--repeats", str(repeats)]
+        ours[dtype] = run_json([*cmd, "--dtype", dtype])
+    return {"reference": ref, "ours": ours}
+
+
+def demo_round(data: Path, epochs: int, workdir: Path) -> dict:
+    sys.path.insert(0, str(REPO))
+    from cltdr_jax.demo import DEMO_OVERRIDES
+
+    settings = [*DEMO_OVERRIDES, "opt.warmup_epochs=2", f"opt.epochs={epochs - 2}", "init_rand_seed=0"]
+    ref_dir = workdir / f"ref_{time.time_ns()}"
+    ref = run_json([ref_python(), str(TOOLS / "ref_train_synth.py"), "--data", str(data), "--seed", "0",
+                    "--workdir", str(ref_dir), "--demo-py", str(REPO / "cltdr_jax" / "demo.py"),
+                    "--warmup-epochs", "2", "--epochs", str(epochs - 2)])  # fmt: skip
+    ours_dir = workdir / f"ours_{time.time_ns()}"
+    cmd = [sys.executable, "-m", "cltdr_jax.cli", "train", str(data / "config.yaml"), "--workdir", str(ours_dir)]
+    t0 = time.perf_counter()
+    subprocess.run([*cmd, *(f"--set={s}" for s in settings)], check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    log = [json.loads(line) for line in (ours_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "final_loss" in r]
+    loop_s = sum(r["step_time"] for r in steps[1:])
+    alone = run_json([sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--config",
+                      str(data / "config.yaml"), "--steps", "30", "--variants", "float32",
+                      *(f"--set={s}" for s in settings)])["results"][0]  # fmt: skip
+    ours_step = loop_s / (len(steps) - 1)
+    return {
+        "reference": {"steps": ref["steps"], "train_s": ref["train_s"], "steps_per_s": ref["steps"] / ref["train_s"]},
+        "ours": {
+            "steps": len(steps),
+            "loop_s_without_first_step": round(loop_s, 2),
+            "steps_per_s": round(1 / ours_step, 3),
+            "wall_s_with_compile_and_evaluation": round(wall, 1),
+            "compiled_step_alone_s": alone["step_s_median"],
+            "loop_overhead": round(ours_step / alone["step_s_median"] - 1, 3),
+        },
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--parts", default="train,infer,demo")
+    parser.add_argument("--steps", type=int, default=3, help="measured train steps per process")
+    parser.add_argument("--demo-epochs", type=int, default=10)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    flags = open("/proc/cpuinfo").read()
+    report: dict = {
+        "benchmark": "cltdr-jax vs the reference (authors' PyTorch code), side by side in one run",
+        "cpu": cpu,
+        "amx": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "cores": os.cpu_count(),
+        "rounds": [],
+    }
+    data = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if "demo" in parts:
+            sys.path.insert(0, str(REPO))
+            from cltdr_jax.synth import synthesize
+
+            data = Path(tmp) / "synth160_s0"
+            synthesize("thumos14", data, feature_dim=64, num_videos=160, seed=0, max_duration=60.0)
+        for r in range(args.rounds):
+            one: dict = {"roofs": roofs()}
+            if "train" in parts:
+                one["train"] = train_round(args.steps)
+            if "infer" in parts:
+                one["infer"] = infer_round(5)
+            if "demo" in parts:
+                one["demo"] = demo_round(data, args.demo_epochs, Path(tmp))
+            report["rounds"].append(one)
+            print(f"round {r + 1} done", file=sys.stderr, flush=True)
+
+    rounds = report["rounds"]
+    summary: dict = {
+        "float32_matmul_gflops": median([x["roofs"]["float32_matmul_gflops"] for x in rounds]),
+        "bfloat16_dot_gflops": median([x["roofs"]["bfloat16_dot_gflops"] for x in rounds]),
+    }
+    if "train" in parts:
+        ref = median([x["train"]["reference"]["median"]["total_s"] for x in rounds])
+        for i, dtype in enumerate(("float32", "bfloat16")):
+            ours = [x["train"]["ours"][i] for x in rounds]
+            step = median([o["step_s_median"] for o in ours])
+            gflops = ours[0]["xla_gflop_per_step"] / step
+            roof = summary["float32_matmul_gflops" if dtype == "float32" else "bfloat16_dot_gflops"]
+            summary[f"train_{dtype}"] = {
+                "ours_step_s": step,
+                "reference_step_s": ref,
+                "speedup": round(ref / step, 2),
+                "achieved_gflops": round(gflops, 1),
+                "fraction_of_roof": round(gflops / roof, 3),
+                "peak_rss_gb": max(o["peak_rss_gb"] for o in ours),
+                "xla_temp_gb": ours[0]["xla_temp_gb"],
+            }
+        summary["reference_train_peak_rss_gb"] = round(
+            max(x["train"]["reference"]["peak_rss_mb"] for x in rounds) / 1024, 2
+        )
+    if "infer" in parts:
+        ref = median([x["infer"]["reference"]["median"]["network_s"] for x in rounds])
+        for dtype in ("float32", "bfloat16"):
+            ours = [x["infer"]["ours"][dtype]["lengths"]["2304"] for x in rounds]
+            net = median([o["network_s"] for o in ours])
+            roof = summary["float32_matmul_gflops" if dtype == "float32" else "bfloat16_dot_gflops"]
+            summary[f"infer_{dtype}_T2304"] = {
+                "ours_network_s": net,
+                "reference_network_s": ref,
+                "speedup": round(ref / net, 2),
+                "fraction_of_roof": round(ours[0]["gflop"] / net / roof, 3),
+            }
+    if "demo" in parts:
+        ref = median([x["demo"]["reference"]["steps_per_s"] for x in rounds])
+        ours = median([x["demo"]["ours"]["steps_per_s"] for x in rounds])
+        summary["demo_training_loop"] = {
+            "ours_steps_per_s": ours,
+            "reference_steps_per_s": round(ref, 3),
+            "speedup": round(ours / ref, 2),
+            "loop_overhead": median([x["demo"]["ours"]["loop_overhead"] for x in rounds]),
+        }
+    report["summary"] = summary
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

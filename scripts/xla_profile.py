@@ -1,0 +1,130 @@
+"""Where a compiled JAX program spends its time, by operation kind, read from XLA's own profile.
+
+    breakdown = op_breakdown(compiled, lambda: run_once(), repeats=2)
+
+Runs the program under `jax.profiler` and sums the device time of every HLO instruction the trace reports
+(`hlo_op`), then classifies each instruction of the compiled module:
+
+  * kind: `conv/dot` (a convolution or dot inside), `fft`, `reduction` (reduce / reduce-window: the
+    norms, softmax, pooling, losses), `copy/transpose` (copies, transposes, pads, slices, concatenates,
+    gathers without arithmetic), `elementwise` (the rest);
+  * pass: `backward` when the metadata's op name is inside JAX's `transpose(...)` (the VJP), else `forward`
+    (the optimizer and EMA count as forward: they follow the backward pass in the same program).
+
+Used by scripts/benchmark_train.py (`--profile`). Times are summed over the instructions, so concurrent
+instructions (GPU streams, CPU thread pools running several thunks) can add up to more than the wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^%?([\w.\-]+)\s.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+_HEAVY = {"convolution": "conv/dot", "dot": "conv/dot", "fft": "fft"}
+_REDUCE = {"reduce", "reduce-window", "select-and-scatter", "sort"}
+_MOVES = {
+    "copy", "transpose", "pad", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "gather",
+    "scatter", "broadcast", "reshape", "bitcast", "parameter", "constant", "tuple", "get-tuple-element", "iota",
+    "copy-start", "copy-done", "reverse",
+}  # fmt: skip
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, str]]:
+    """computation -> [(instruction, opcode, rest of line)], and instruction -> its computation."""
+    computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+    where: dict[str, str] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            m = _COMPUTATION.match(line.replace("ENTRY ", ""))
+            current = m.group(1) if m else None
+            continue
+        m = _INSTRUCTION.match(line)
+        if m and current is not None:
+            computations[current].append((m.group(1), m.group(2), m.group(3)))
+            where[m.group(1)] = current
+    return computations, where
+
+
+def _opcodes(computations, name: str, seen: set[str] | None = None) -> list[str]:
+    """Every opcode inside computation `name`, following fusions and calls."""
+    seen = seen if seen is not None else set()
+    if name in seen:
+        return []
+    seen.add(name)
+    out = []
+    for _, opcode, rest in computations.get(name, []):
+        out.append(opcode)
+        for called in _CALLS.findall(rest):
+            out += _opcodes(computations, called, seen)
+    return out
+
+
+def classify(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """instruction name -> (kind, pass) for every instruction of a compiled module's text."""
+    computations, _ = _parse(hlo_text)
+    out = {}
+    for instructions in computations.values():
+        for name, opcode, rest in instructions:
+            inner = [opcode]
+            for called in _CALLS.findall(rest):
+                inner += _opcodes(computations, called)
+            kinds = {_HEAVY[o] for o in inner if o in _HEAVY}
+            if "conv/dot" in kinds:
+                kind = "conv/dot"
+            elif kinds:
+                kind = kinds.pop()
+            elif any(o in _REDUCE for o in inner):
+                kind = "reduction"
+            elif all(o in _MOVES or o == "fusion" for o in inner):
+                kind = "copy/transpose"
+            else:
+                kind = "elementwise"
+            op_name = _OP_NAME.search(rest)
+            backward = bool(op_name and "transpose(" in op_name.group(1))
+            out[name] = (kind, "backward" if backward else "forward")
+    return out
+
+
+def op_breakdown(compiled: Any, run: Callable[[], Any], repeats: int = 2) -> dict[str, Any]:
+    """Seconds per (kind, pass) for one call of `run` (which calls `compiled` once), averaged over repeats."""
+    kinds = classify(compiled.as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        for _ in range(repeats):
+            jax.block_until_ready(run())
+        jax.profiler.stop_trace()
+        files = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
+        events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
+    totals: dict[str, float] = collections.Counter()
+    unmatched = 0.0
+    for e in events:
+        op = (e.get("args") or {}).get("hlo_op")
+        if e.get("ph") != "X" or not op:
+            continue
+        seconds = e.get("dur", 0) / 1e6 / repeats
+        if op in kinds:
+            kind, direction = kinds[op]
+            totals[f"{direction}/{kind}"] += seconds
+        else:
+            unmatched += seconds
+    total = sum(totals.values())
+    return {
+        "seconds": {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "fraction": {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if total else {},
+        "instructions_total_s": round(total, 4),
+        "unclassified_s": round(unmatched, 4),
+    }
