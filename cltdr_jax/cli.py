@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -59,18 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("checkpoint_dir", nargs="?", default=None, help=_CHECKPOINT_HELP + " (not with --exported)")
     _add_checkpoint_args(p)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="videos of one padded length per network call (default: 1 on a CPU, 4 on an accelerator)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="compute dtype of the network (default: the config's inference.dtype, float32)",
-    )
+    _add_inference_args(p)
     p.add_argument(
         "--exported",
         default=None,
@@ -92,18 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("checkpoint_dir", help=_CHECKPOINT_HELP)
     _add_checkpoint_args(p)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="videos of one padded length per network call (default: 1 on a CPU, 4 on an accelerator)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default=None,
-        help="compute dtype of the network (default: the config's inference.dtype, float32)",
-    )
+    _add_inference_args(p)
     p.add_argument("--out", default=None, help="also write the detections JSON here")
     p.add_argument("--metrics-out", default=None, help="write the metrics JSON here")
     p.add_argument(
@@ -218,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """How `predict` and `eval` run the network (the config's `inference` section)."""
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="videos of one padded length per network call (default: 1 on a CPU, 4 on an accelerator)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="compute dtype of the network (default: the config's inference.dtype, float32)",
+    )
+
+
 def _add_extract_args(p: argparse.ArgumentParser, window: int | None, stride: int | None, streams: str | None) -> None:
     """The I3D extraction options `extract` and `detect` share (`detect` takes the grid from its config)."""
     from_config = " (default: the config's)"
@@ -266,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except commands.UserError as e:
         print(f"cltdr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` or `grep -q`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's advice: no error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -167,6 +167,11 @@ class TrainerConfig:
     # Matmul / convolution precision of training. "default" is what the reference's own GPU training runs
     # (TF32 convolutions on A100 / H100 / H200); on a CPU it is the same arithmetic as "highest".
     precision: str = "default"
+    # Recompute these parts' activations in the backward pass instead of keeping them (less memory, more
+    # compute): gmg (each GMG block), heads (classification, Trident and refine heads); remat_policy says
+    # what they keep: nothing, or dots (the matmul outputs).
+    remat: tuple[str, ...] = ()
+    remat_policy: str = "nothing"
     ema_decay: float = 0.999
     eval_every_epochs: int = 0  # 0: evaluate only after the last epoch
     checkpoint_every_steps: int = 0  # 0: once per epoch
@@ -457,6 +462,7 @@ _CHOICES = {
     "opt.schedule_type": ("cosine",),
     "trainer.compute_dtype": ("float32", "bfloat16"),
     "trainer.precision": ("default", "high", "highest"),
+    "trainer.remat_policy": ("nothing", "dots"),
     "inference.dtype": ("float32", "bfloat16"),
     "inference.precision": ("default", "high", "highest"),
 }
@@ -487,6 +493,9 @@ def _derive(cfg: Config, source: str) -> Config:
             f"model.regression_range has {len(m.regression_range)} entries but backbone_arch "
             f"{list(m.backbone_arch)} builds {m.backbone_arch[2] + 1} levels"
         )
+    for part in cfg.trainer.remat:
+        if part not in ("gmg", "heads"):
+            fail(f"trainer.remat: unknown part {part!r} (gmg, heads)")
     for branch in m.gmg_branches:
         if branch not in ("instant", "local", "global"):
             fail(f"model.gmg_branches: unknown branch {branch!r} (instant, local, global)")

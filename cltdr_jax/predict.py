@@ -61,10 +61,16 @@ def predict_split(cfg: Config, params: Any, split: str | None = None, predictor:
 
 
 def predict_files(
-    cfg: Config, params: Any, paths: list[str], fps: float | None = None, predictor: Predictor | None = None
+    cfg: Config,
+    params: Any,
+    paths: list[str],
+    fps: float | None = None,
+    predictor: Predictor | None = None,
+    durations: dict[str, float] | None = None,
 ) -> Prediction:
     """Detections of feature files given directly (video id = file name without extension), read and
-    gridded exactly as a split's videos are (`datasets.video_item`)."""
+    gridded exactly as a split's videos are (`datasets.video_item`). `durations` (seconds, by video id), where
+    known, clip the detections at the videos' ends as a split's are; otherwise they are not clipped."""
     fps = fps or cfg.dataset.default_fps
     if not fps:
         raise DataError("--features needs the video fps: pass --fps or set dataset.default_fps in the config")
@@ -74,7 +80,7 @@ def predict_files(
         for path in paths:
             vid = Path(path).name.split(".")[0]
             feats = read_features(Path(path), cfg.dataset, vid, columns=columns)
-            yield video_item(cfg, vid, feats, fps, duration=1e8)
+            yield video_item(cfg, vid, feats, fps, duration=(durations or {}).get(vid, 1e8))
 
     detections, stats = predict_items(_predictor(cfg, params, predictor), items())
     names = class_names(cfg.dataset.json_file, cfg.dataset.num_classes)

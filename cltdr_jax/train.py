@@ -111,7 +111,10 @@ def init_state(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformation, s
 def training_model(cfg: Config) -> CLTDRGMG:
     """The detector as training computes it: `trainer.compute_dtype` and `trainer.precision`."""
     dtype = jnp.bfloat16 if cfg.trainer.compute_dtype == "bfloat16" else jnp.float32
-    return CLTDRGMG(cfg.model, cfg.train_cfg, dtype=dtype, precision=cfg.trainer.precision)
+    t = cfg.trainer
+    return CLTDRGMG(
+        cfg.model, cfg.train_cfg, dtype=dtype, precision=t.precision, remat=t.remat, remat_policy=t.remat_policy
+    )
 
 
 def create_state(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformation, seed: int, sharding) -> TrainState:

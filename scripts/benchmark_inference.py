@@ -5,7 +5,7 @@
 
 Random weights (seeded) and random features [T, 2048]. Per length it reports the lowering + XLA compile
 time of the network (one executable per padded length, as `cltdr predict` builds them), the median time
-of `Predictor.network` (pad, run, transfer: what the reference's 0.67 s at T = 2304 measures) and of the
+of `Predictor.network` (pad, run, transfer: what the reference's network time measures) and of the
 bare executable, the FLOPs of the executable from XLA's `cost_analysis()` and the achieved FLOP/s as a
 fraction of a float32 2048^3 `jnp.dot` timed in the same run, and the post-processing time (candidates +
 Soft-NMS). Random weights do not give a trained model's scores (the refined logit is a product of two
@@ -63,14 +63,6 @@ from cltdr_jax.model.detector import CLTDRGMG  # noqa: E402
 from cltdr_jax.nms import batched_nms  # noqa: E402
 from cltdr_jax.postprocess import level_candidates, video_detections  # noqa: E402
 
-# The authors' PyTorch code on a 2-core machine of this kind (shared/PERFORMANCE.md), random weights, measured
-# when a float32 2048^3 jnp.dot ran at 276 GFLOP/s there. Shared machines are often slower (other jobs): the
-# "scaled" figures assume the reference would slow down like the matmul measured in this run.
-REFERENCE = {
-    "network_s": {"2304": 0.67, "4608": 1.23},
-    "postprocess_s_2304": 0.023 + 0.038,
-    "matmul_f32_2048_gflops": 276.0,
-}
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "thumos_small"
 
 
@@ -153,7 +145,6 @@ def time_length(predictor: Predictor, feats: np.ndarray, repeats: int, roof_gflo
     dets = video_detections(levels, cfg.test_cfg)
     post_s, _ = median_time(lambda: video_detections(levels, cfg.test_cfg), repeats)
     candidates = sum(len(level_candidates(s, left, right, cfg.test_cfg)) for s, left, right in levels)
-    ref_net = REFERENCE["network_s"].get(str(length))
     return {
         "padded_len": padded,
         "compile_s": round(compile_s, 3),
@@ -166,11 +157,6 @@ def time_length(predictor: Predictor, feats: np.ndarray, repeats: int, roof_gflo
         "postprocess_s": round(post_s, 4),
         "candidates": candidates,
         "detections": len(dets),
-        "reference_network_s": ref_net,
-        "network_speedup_vs_reference": round(ref_net / network_s, 2) if ref_net else None,
-        "network_speedup_vs_reference_scaled": (
-            round(ref_net * REFERENCE["matmul_f32_2048_gflops"] / roof_gflops / network_s, 2) if ref_net else None
-        ),
         "peak_rss_mb_so_far": round(peak_rss_mb(), 1),
     }
 
@@ -220,13 +206,12 @@ def main() -> None:
         "matmul_f32_2048_gflops": round(roof["gflops"], 1),
         "lengths": results,
         "soft_nms_fixture": time_fixture_nms(cfg, args.repeats),
-        "reference": REFERENCE,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "notes": [
             "network_s: Predictor.network (pad, run, device_get); executable_s: the compiled call alone",
             "postprocess_s: candidates + Soft-NMS of random-weight scores (untrained): see soft_nms_fixture",
             "compile_s: jit lowering + XLA compile of one padded length (no persistent cache)",
-            "*_scaled: the reference's time scaled by (its matmul roof / this run's): other jobs slow shared machines",
+            "the reference beside it: scripts/benchmark_vs_reference.py (side by side in one run)",
         ],
     }
     print(json.dumps(out, indent=2))

@@ -29,7 +29,8 @@ assert "site-packages" in cltdr_jax.__file__, cltdr_jax.__file__
 names = [b.name for b in c.bundled_configs() if b.reference]
 assert len(names) == 11 and "site-packages" in str(c.bundled_config_dir()), (names, c.bundled_config_dir())
 EOF
-"$WORK/venv/bin/cltdr" configs | grep -q "thumos_i3d_focalloss"
+listing=$("$WORK/venv/bin/cltdr" configs)
+grep -q "thumos_i3d_focalloss" <<<"$listing"
 "$WORK/venv/bin/cltdr" demo --quick --workdir demo
 test -s demo/train/training_curves.png && test -s demo/train/metrics.json
 ls demo/timeline_*.png > /dev/null

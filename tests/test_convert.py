@@ -78,18 +78,31 @@ def test_checkpoint_of_another_config_is_rejected(thumos_small):
         convert_checkpoint(other, thumos_small / "state_dict.npz")
 
 
-def test_unsafe_pickle_is_refused(tmp_path):
+def _evil_checkpoint(path):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
     buf = io.BytesIO()
     pickle.dump({"state_dict": Evil()}, buf)
-    path = tmp_path / "evil.pth.tar"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def test_unsafe_pickle_is_refused(tmp_path, without_torch, capsys):
     with pytest.raises(CheckpointError, match="refusing to unpickle builtins.print"):
+        read_state_dict(_evil_checkpoint(tmp_path / "evil.pth.tar"))
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_unsafe_pickle_is_refused_through_torch(tmp_path, capsys):
+    pytest.importorskip("torch", reason="the torch extra is not installed (CI installs it)")
+    path = _evil_checkpoint(tmp_path / "evil.pth.tar")
+    with pytest.raises(CheckpointError, match="evil.pth.tar"):  # torch.load(weights_only=True) refuses it
         read_state_dict(path)
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_corrupt_and_missing_files(tmp_path):

@@ -164,7 +164,8 @@ def test_real_annotations_are_reproduced_exactly(tmp_path, shared_dir):
 
 @pytest.mark.parametrize("like", ["thumos14", "activitynet", "epic"])
 def test_loader_reads_the_synthetic_dataset(tmp_path, like):
-    data = pytest.importorskip("cltdr_jax.data")
+    from cltdr_jax import data
+
     cfg = load_config(synth.synthesize(like, tmp_path, feature_dim=16, num_videos=4, seed=2))
     database = _database(tmp_path)
     for split, training in ((cfg.train_split, True), (cfg.val_split, False)):

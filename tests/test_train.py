@@ -502,3 +502,27 @@ def test_tensorboard_profile_and_several_seeds(tiny_dataset, tmp_path):
     np.testing.assert_allclose([v for _, v in scalars["train/lr"]], [r["lr"] for r in logged if "lr" in r], rtol=1e-6)
     assert {"train/cls_loss", "train/grad_norm", "train/step_time", "eval/average_mAP", "eval/mAP_0.50"} <= set(scalars)
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no profiler trace of the first seed's steps"
+
+
+def test_rematerialisation_keeps_the_gradients():
+    """trainer.remat recomputes activations in the backward pass: the same gradients, up to float rounding."""
+    from cltdr_jax.train import training_model
+
+    tiny = [o for o in TINY_OVERRIDES if o.split("=")[0].split(".")[0] in ("model", "dataset")]
+    x = jax.random.normal(jax.random.key(0), (2, 320, 8))
+    mask = jnp.ones((2, 320), bool).at[1, 200:].set(False)
+    grads = []
+    for remat in ("[]", "[gmg, heads]"):
+        overrides = [*tiny, "dataset.input_dim=8", f"trainer.remat={remat}"]
+        cfg = load_config(Path(__file__).parents[1] / "configs" / "thumos_i3d_focalloss.yaml", overrides)
+        model = training_model(cfg)
+        params = model.init(jax.random.key(1), x, mask)["params"]
+
+        def loss(p, model=model):
+            out = model.apply({"params": p}, x, mask)
+            keys = ("cls_logits", "start_logits", "reg_offsets", "refine_start")
+            return sum(jnp.sum(jnp.square(level)) for k in keys for level in out[k])
+
+        grads.append(jax.jit(jax.grad(loss))(params))
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-12)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from cltdr_jax.config import ModelConfig, TrainConfig
 from cltdr_jax.model.decoder import ClassifierHead, CrossLevelFusion, DecoupledFusion, RefineHead
 from cltdr_jax.model.encoder import Encoder
-from cltdr_jax.model.layers import Dtype, Precision
+from cltdr_jax.model.layers import Dtype, Precision, rematerialized
 from cltdr_jax.model.trident import TridentHead
 
 Array = jax.Array
@@ -39,6 +39,10 @@ class CLTDRGMG(nn.Module):
     train_cfg: TrainConfig = TrainConfig()
     dtype: Dtype = jnp.float32
     precision: Precision = "highest"
+    # Parts whose activations the backward pass recomputes instead of keeping (`trainer.remat`): "gmg" (each
+    # GMG block), "heads" (the classification, Trident and refine heads); `remat_policy` what they keep.
+    remat: tuple[str, ...] = ()
+    remat_policy: str = "nothing"
 
     @nn.compact
     def __call__(self, feats: Array, mask: Array, deterministic: bool = True) -> dict[str, list[Array]]:
@@ -47,13 +51,19 @@ class CLTDRGMG(nn.Module):
         num_levels = m.backbone_arch[2] + 1
         trunk_layers = m.head_num_layers - 1
         feats = feats.astype(self.dtype)
-        fpn, backbone, masks = Encoder(m, drop_path=t.droppath, **c, name="backbone")(feats, mask, deterministic)
+        fpn, backbone, masks = Encoder(
+            m, t.droppath, **c, remat="gmg" in self.remat, remat_policy=self.remat_policy, name="backbone"
+        )(feats, mask, deterministic)
+        heads = "heads" in self.remat
+
+        def head(module: type[nn.Module]) -> type[nn.Module]:
+            return rematerialized(module, heads, self.remat_policy)
 
         cls_feats = DecoupledFusion(m.cls_fusion_levels, m.fusion, **c, name="decls")(fpn)
         reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, **c, name="dereg")(fpn)
         cross_feats = CrossLevelFusion(**c, name="cross_level")(fpn)
 
-        coarse = ClassifierHead(
+        coarse = head(ClassifierHead)(
             m.head_dim,
             m.num_classes,
             m.head_kernel_size,
@@ -64,7 +74,7 @@ class CLTDRGMG(nn.Module):
             **c,
             name="cls_head",
         )(cls_feats, masks)
-        start, end, offsets = TridentHead(
+        start, end, offsets = head(TridentHead)(
             m.head_dim,
             m.num_classes,
             m.num_bins,
@@ -77,7 +87,7 @@ class CLTDRGMG(nn.Module):
             **c,
             name="trident",
         )(fpn, reg_feats, masks)
-        refine_start, refine_end, refine_prob = RefineHead(
+        refine_start, refine_end, refine_prob = head(RefineHead)(
             m.head_dim,
             m.num_classes,
             m.head_kernel_size,

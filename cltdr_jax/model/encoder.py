@@ -13,7 +13,7 @@ import numpy as np
 
 from cltdr_jax.config import ModelConfig
 from cltdr_jax.model.gmg import GMGBlock
-from cltdr_jax.model.layers import ChannelLayerNorm, Dtype, MaskedConv1D, Precision
+from cltdr_jax.model.layers import ChannelLayerNorm, Dtype, MaskedConv1D, Precision, rematerialized
 
 Array = jax.Array
 
@@ -51,10 +51,14 @@ class Encoder(nn.Module):
     drop_path: float = 0.1
     dtype: Dtype = None
     precision: Precision = None
+    remat: bool = False  # recompute each GMG block's activations in the backward pass (less memory)
+    remat_policy: str = "nothing"
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool = True):
         compute = {"dtype": self.dtype, "precision": self.precision}
+        # deterministic (argument 3, counting self) is a Python bool: static for the rematerialised block.
+        block = rematerialized(GMGBlock, self.remat, self.remat_policy, static_argnums=(3,))
         m = self.cfg
         num_embd, num_stem, num_branch = m.backbone_arch
         d = m.embd_dim
@@ -72,7 +76,7 @@ class Encoder(nn.Module):
             x = x + jnp.asarray(table[:t], x.dtype) * mask[..., None].astype(x.dtype)
 
         for j in range(num_stem):
-            x, mask = GMGBlock(
+            x, mask = block(
                 m.sgp_mlp_dim,
                 stride=1,
                 local_kernel=1,
@@ -84,7 +88,7 @@ class Encoder(nn.Module):
             )(x, mask, deterministic)
         feats, masks = [x], [mask]
         for j in range(num_branch):
-            x, mask = GMGBlock(
+            x, mask = block(
                 m.sgp_mlp_dim,
                 stride=2,
                 local_kernel=max(m.n_sgp_win_size, 1),

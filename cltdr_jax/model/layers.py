@@ -88,6 +88,19 @@ def dense(x: Array, kernel: Array, precision: Precision = None) -> Array:
     return jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
 
 
+REMAT_POLICIES = {
+    "nothing": None,  # keep only the block's inputs: recompute all of it in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep the matmul outputs, recompute the rest
+}
+
+
+def rematerialized(module: type[nn.Module], enabled: bool, policy: str, static_argnums: tuple[int, ...] = ()):
+    """`module`, or its `nn.remat` version (same parameters; activations recomputed for the gradient)."""
+    if not enabled:
+        return module
+    return nn.remat(module, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
 def cast(x: Array, dtype: Dtype) -> Array:
     """x in the compute dtype (unchanged when dtype is None)."""
     return x if dtype is None else x.astype(dtype)

@@ -6,11 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cltdr_jax.config import Config
 from cltdr_jax.errors import DataError
-from cltdr_jax.postprocess import Detections
 from cltdr_jax.video.extract import ExtractOptions
 from cltdr_jax.video.i3d import FEATURE_DIM
 
@@ -54,21 +51,6 @@ def check_grid(cfg: Config, options: ExtractOptions) -> list[str]:
     return []
 
 
-def clip_to_durations(prediction: Any, durations: Mapping[str, float]) -> Any:
-    """Clips every segment of a `predict.Prediction` to [0, duration of its video], in place; returns it.
-
-    `predict_files` does not know how long a video is; a detection may otherwise run past its end.
-    """
-    for vid, duration in durations.items():
-        dets = prediction.detections.get(vid)
-        if dets is not None:
-            segs = np.clip(dets.segments, 0.0, np.float32(duration)).astype(np.float32)
-            prediction.detections[vid] = Detections(segs, dets.scores, dets.labels)
-        for row in prediction.results_json["results"].get(vid, []):
-            row["segment"] = [float(min(max(x, 0.0), duration)) for x in row["segment"]]
-    return prediction
-
-
 def detect_features(cfg: Config, params: Any, feature_dir: str | Path, infos: Mapping[str, Mapping[str, Any]]) -> Any:
     """Detections (a `predict.Prediction`, segments in seconds) of the videos in `infos`, whose features
     `extract_videos` wrote to `feature_dir`."""
@@ -79,8 +61,10 @@ def detect_features(cfg: Config, params: Any, feature_dir: str | Path, infos: Ma
     if len(fps) != 1:
         raise DataError(f"{feature_dir}: features extracted at several frame rates ({sorted(fps)}); one at a time")
     paths = [str(feature_dir / f"{vid}.npy") for vid in infos]
-    prediction = predict_files(cfg, params, paths, fps.pop())
-    return clip_to_durations(prediction, {vid: info["duration"] for vid, info in infos.items()})
+    # With the videos' durations, detections are clipped at their ends as a split's are.
+    return predict_files(
+        cfg, params, paths, fps.pop(), durations={vid: info["duration"] for vid, info in infos.items()}
+    )
 
 
 def plot_detections(
