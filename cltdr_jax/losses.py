@@ -120,7 +120,8 @@ def detection_losses(
     pairs = pos[..., None] & (cls_targets > 0)  # [B, N, C]
     num_pos = jnp.sum(pos)
 
-    decoded = decode(outputs, strides, cfg_model.num_bins)
+    with jax.named_scope("trident_decode"):
+        decoded = decode(outputs, strides, cfg_model.num_bins)
     coarse_offsets = jnp.stack([decoded.d_start, decoded.d_end], axis=-1)  # [B, N, C, 2]
     refined_offsets = jnp.stack([decoded.delta_start, decoded.delta_end], axis=-1)
     pair_target = jnp.broadcast_to(reg_targets[:, :, None, :], refined_offsets.shape)

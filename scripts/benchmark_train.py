@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -63,7 +64,14 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
     from cltdr_jax.config import load_config
     from cltdr_jax.convert import count_params
     from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import compile_train_step, create_state, make_mesh, make_train_step, training_model
+    from cltdr_jax.train import (
+        compile_train_step,
+        create_state,
+        make_mesh,
+        make_train_step,
+        return_freed_memory,
+        training_model,
+    )
 
     dtype, _, precision = variant.partition(":")
     sets = [f"trainer.compute_dtype={dtype}", *([f"trainer.precision={precision}"] if precision else []), *overrides]
@@ -86,6 +94,8 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return_freed_memory()  # as `cltdr train` does before its first step
     flops = flops_of(compiled)
     memory = compiled.memory_analysis()
     state, metrics = compiled(state, batch)
@@ -108,7 +118,7 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
             holder["state"], m = compiled(holder["state"], batch)
             return m
 
-        breakdown = op_breakdown(compiled, one_step, repeats=2)
+        breakdown = op_breakdown(compiled, one_step, repeats=2, depth=int(os.environ.get("CLTDR_PROFILE_DEPTH", 2)))
     roof = matmul_gflops("float32" if dtype == "float32" else "bfloat16")
     peak = peak_device_bytes()
     return {
@@ -122,6 +132,8 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
         "step_s_all": [round(x, 3) for x in times],
         "steps_per_s": round(1 / step_s, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        # The peak before the first step: set by building, compiling and the host batch, not by the step.
+        "peak_rss_after_compile_gb": round(rss_after_compile / 2**20, 2),
         # XLA's own memory analysis of the compiled step: its temporaries and its arguments / outputs.
         "xla_temp_gb": round(memory.temp_size_in_bytes / 2**30, 2) if memory else None,
         "xla_argument_gb": round(memory.argument_size_in_bytes / 2**30, 2) if memory else None,

@@ -73,8 +73,26 @@ def _opcodes(computations, name: str, seen: set[str] | None = None) -> list[str]
     return out
 
 
-def classify(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """instruction name -> (kind, pass) for every instruction of a compiled module's text."""
+_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|checkpoint|remat|rematted_computation)\((.*)\)$")
+
+
+def scope(op_name: str, depth: int = 2) -> str:
+    """The model part an instruction comes from: the first `depth` module names of its op_name metadata,
+    without JAX's jit / jvp / transpose wrappers ("jit(step)/transpose(jvp(CLTDRGMG))/backbone/stem_0/..."
+    -> "backbone/stem_0"); the optimizer, the losses and the decoder come out under their own names."""
+    parts = []
+    for part in op_name.split("/"):
+        if part.startswith(("jit(", "pjit(")):  # the jitted function's own name
+            continue
+        while (m := _WRAPPER.match(part)) is not None:
+            part = m.group(1)
+        if part and not part.startswith(("main", "CLTDRGMG", "while", "body", "cond")):
+            parts.append(part)
+    return "/".join(parts[:depth]) or "(top level)"
+
+
+def classify(hlo_text: str, depth: int = 2) -> dict[str, tuple[str, str, str]]:
+    """instruction name -> (kind, pass, scope) for every instruction of a compiled module's text."""
     computations, _ = _parse(hlo_text)
     out = {}
     for instructions in computations.values():
@@ -95,13 +113,17 @@ def classify(hlo_text: str) -> dict[str, tuple[str, str]]:
                 kind = "elementwise"
             op_name = _OP_NAME.search(rest)
             backward = bool(op_name and "transpose(" in op_name.group(1))
-            out[name] = (kind, "backward" if backward else "forward")
+            where = scope(op_name.group(1), depth) if op_name else "?"
+            out[name] = (kind, "backward" if backward else "forward", where)
     return out
 
 
-def op_breakdown(compiled: Any, run: Callable[[], Any], repeats: int = 2) -> dict[str, Any]:
-    """Seconds per (kind, pass) for one call of `run` (which calls `compiled` once), averaged over repeats."""
-    kinds = classify(compiled.as_text())
+def op_breakdown(
+    compiled: Any, run: Callable[[], Any], repeats: int = 2, top: int = 25, depth: int = 2
+) -> dict[str, Any]:
+    """Seconds per (kind, pass) for one call of `run` (which calls `compiled` once), averaged over repeats,
+    and the `top` (model part, kind) pairs by time (a part: `depth` module names)."""
+    kinds = classify(compiled.as_text(), depth)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         for _ in range(repeats):
@@ -110,6 +132,7 @@ def op_breakdown(compiled: Any, run: Callable[[], Any], repeats: int = 2) -> dic
         files = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
         events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
     totals: dict[str, float] = collections.Counter()
+    by_scope: dict[str, float] = collections.Counter()
     unmatched = 0.0
     for e in events:
         op = (e.get("args") or {}).get("hlo_op")
@@ -117,14 +140,17 @@ def op_breakdown(compiled: Any, run: Callable[[], Any], repeats: int = 2) -> dic
             continue
         seconds = e.get("dur", 0) / 1e6 / repeats
         if op in kinds:
-            kind, direction = kinds[op]
+            kind, direction, where = kinds[op]
             totals[f"{direction}/{kind}"] += seconds
+            by_scope[f"{where} [{kind}]"] += seconds
         else:
             unmatched += seconds
     total = sum(totals.values())
     return {
         "seconds": {k: round(v, 4) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
         "fraction": {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if total else {},
+        # The model parts and op kinds that cost most (forward and backward together): where to look next.
+        "top_scopes_s": {k: round(v, 4) for k, v in by_scope.most_common(top)},
         "instructions_total_s": round(total, 4),
         "unclassified_s": round(unmatched, 4),
     }

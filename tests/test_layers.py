@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cltdr_jax.config import config_from_dict
+from cltdr_jax.model import layers
 from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.model.gmg import GMGBlock, softshrink
 from cltdr_jax.model.layers import ChannelLayerNorm, GroupNorm, UpConv, max_pool_k3s2
@@ -31,6 +32,57 @@ def test_transposed_conv_matches_the_explicit_formula():
         np.testing.assert_allclose(
             y[:, 2 * j + 1], b + xp[:, j] @ u[:, :, 2] + xp[:, j + 1] @ u[:, :, 0], rtol=1e-5, atol=1e-6
         )
+
+
+def _correlate64(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
+    """Zero-padded (K//2) 1-D correlation in float64: y[t] = sum_j x[stride t + j - K//2] @ kernel[j]."""
+    k, pad = kernel.shape[0], kernel.shape[0] // 2
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (0, 0)))
+    t_out = (x.shape[1] + stride - 1) // stride
+    return np.stack(
+        [sum(xp[:, stride * t + j] @ kernel[j].astype(np.float64) for j in range(k)) for t in range(t_out)], axis=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "c_in", "c_out", "stride", "path"),
+    [
+        (3, 64, 64, 1, "im2col"),  # the demo's heads
+        (7, 32, 20, 1, "im2col"),
+        (3, 256, 20, 1, "narrow"),  # the THUMOS heads' last layers (512 -> 20)
+        (7, 256, 20, 1, "narrow"),
+        (3, 128, 128, 1, "xla"),
+        (3, 64, 64, 2, "xla"),  # stride 2: the decoder's down-sampling
+    ],
+)
+def test_conv1d_paths_match_a_float64_correlation(k, c_in, c_out, stride, path, monkeypatch):
+    """Each way conv1d computes a convolution (chosen by shape) gives the correlation and its gradients."""
+    called = []
+    for name in ("_im2col_conv1d", "_narrow_conv1d"):
+        original = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
+    x = RNG.standard_normal((2, 11, c_in)).astype(np.float32)
+    kernel = (RNG.standard_normal((k, c_in, c_out)) / np.sqrt(k * c_in)).astype(np.float32)
+    cot = RNG.standard_normal((2, (11 + stride - 1) // stride, c_out)).astype(np.float32)
+
+    def loss(x, kernel):
+        return jnp.sum(layers.conv1d(x, kernel, stride, "highest") * cot)
+
+    y = layers.conv1d(jnp.asarray(x), jnp.asarray(kernel), stride, "highest")
+    assert called == {"im2col": ["_im2col_conv1d"], "narrow": ["_narrow_conv1d"], "xla": []}[path]
+    np.testing.assert_allclose(y, _correlate64(x, kernel, stride), rtol=1e-5, atol=1e-5)
+    # Gradients: d/dx and d/dkernel of sum(y * cot), from the float64 correlation's adjoint.
+    gx, gk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+    pad = k // 2
+    gx64 = np.zeros((2, 11 + 2 * pad, c_in))
+    gk64 = np.zeros((k, c_in, c_out))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (0, 0)))
+    for t in range(cot.shape[1]):
+        for j in range(k):
+            gx64[:, stride * t + j] += cot[:, t].astype(np.float64) @ kernel[j].astype(np.float64).T
+            gk64[j] += xp[:, stride * t + j].T @ cot[:, t].astype(np.float64)
+    np.testing.assert_allclose(gx, gx64[:, pad : pad + 11], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gk, gk64, rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_padding_never_wins():

@@ -47,14 +47,22 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-NARROW_CONV_MAX_OUT = 64  # conv1d computes narrower stride-1 convolutions as one matmul over the taps
+# How conv1d computes a stride-1 convolution (odd kernel K, C_in -> C_out), chosen by shape; measured
+# forward + backward on XLA's CPU backend (2 cores), against its own convolution:
+IM2COL_MAX_DEPTH = 256  # K * C_in up to this: one matmul over the K shifted copies side by side (the demo's
+#                         64-channel heads: XLA's convolution and its gradient are ~2x slower there)
+NARROW_CONV_MAX_OUT = 64  # C_out up to this with C_in >= NARROW_CONV_MIN_IN: one matmul against the taps side
+NARROW_CONV_MIN_IN = 256  # by side, then K shifted adds (the THUMOS heads' 512 -> 20 layers)
 
 
 def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None) -> Array:
     """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O]."""
-    k, _, out = kernel.shape
-    if stride == 1 and k > 1 and k % 2 == 1 and out <= NARROW_CONV_MAX_OUT:
-        return _narrow_conv1d(x, kernel, precision)
+    k, i, out = kernel.shape
+    if stride == 1 and k > 1 and k % 2 == 1:
+        if k * i <= IM2COL_MAX_DEPTH:
+            return _im2col_conv1d(x, kernel, precision)
+        if out <= NARROW_CONV_MAX_OUT and i >= NARROW_CONV_MIN_IN:
+            return _narrow_conv1d(x, kernel, precision)
     return jax.lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
@@ -63,6 +71,18 @@ def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None
         dimension_numbers=("NWC", "WIO", "NWC"),
         precision=precision,
     )
+
+
+def _im2col_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Array:
+    """conv1d (stride 1) for few input channels: [x[t - K//2], ..., x[t + K//2]] @ kernel.reshape(K * I, O).
+
+    One matmul with a K * I deep contraction; only the summation order differs from a convolution.
+    """
+    k, i, o = kernel.shape
+    t, pad = x.shape[1], k // 2
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+    columns = jnp.concatenate([xp[:, j : j + t] for j in range(k)], axis=-1)
+    return jnp.matmul(columns, kernel.astype(x.dtype).reshape(k * i, o), precision=precision)
 
 
 def _narrow_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Array:

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""What is alive at the peak of a compiled program's working memory, from XLA's own buffer assignment.
+
+    XLA_FLAGS="--xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=.*train_step.*" \
+        python scripts/benchmark_train.py --steps 1 --variant float32 [--set trainer.remat=[gmg,heads]]
+    python scripts/xla_memory.py /tmp/dump [--top 25]
+
+Reads the dump's `*-buffer-assignment.txt` (the size of every value in the temporary arena), `*-live-range.txt`
+(the instruction interval over which each value is alive, in the schedule XLA chose) and the optimized HLO
+(each instruction's op_name), replays the schedule, and prints one JSON object: the arena's size, the peak
+of the live bytes and where in the schedule it falls, and the live bytes at the peak grouped by model part
+(the op_name without JAX's wrappers, `--depth` names deep). This is how we found that rematerialisation does
+not lower the CPU step's peak: XLA schedules the recomputed activations of all heads together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import re
+
+_VALUE = re.compile(r"<\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\)")
+_RANGE = re.compile(r"\s+(\S+?)\{[^}]*\}:(\d+)-(\d+)")
+_OP_NAME = re.compile(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"")
+_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|checkpoint|remat|vmap)\((.*)\)$")
+
+
+def part(op_name: str, depth: int) -> str:
+    names = []
+    for name in op_name.split("/"):
+        while (m := _WRAPPER.match(name)) is not None:
+            name = m.group(1)
+        if (
+            name
+            and name not in ("main", "CLTDRGMG", "train_step", "checkpoint", "rematted_computation")
+            and name not in names
+        ):
+            names.append(name)
+    return "/".join(names[:depth]) or "(top level)"
+
+
+def analyse(dump: str, module: str = "train_step", depth: int = 3, top: int = 25) -> dict:
+    prefix = glob.glob(f"{dump}/*{module}*after_optimizations-buffer-assignment.txt")[0].removesuffix(
+        "-buffer-assignment.txt"
+    )
+    sizes, arena, in_temp = {}, 0, False
+    for line in open(f"{prefix}-buffer-assignment.txt"):
+        if line.startswith("allocation"):
+            in_temp = "preallocated-temp" in line
+            if in_temp:
+                arena = int(line.split("size ")[1].split(",")[0])
+        elif in_temp and (m := _VALUE.search(line)):
+            sizes[m.group(1)] = int(m.group(2))
+    ranges = []
+    for line in open(f"{prefix}-live-range.txt").read().split("BufferLiveRange:")[1].splitlines():
+        if (m := _RANGE.match(line)) and m.group(1) in sizes:
+            ranges.append((m.group(1), int(m.group(2)), int(m.group(3))))
+    length = max(end for _, _, end in ranges) + 2
+    delta = [0] * length
+    for name, start, end in ranges:
+        delta[start] += sizes[name]
+        delta[end + 1] -= sizes[name]
+    live, peak, at = 0, 0, 0
+    for t in range(length):
+        live += delta[t]
+        if live > peak:
+            peak, at = live, t
+    op_names = dict(_OP_NAME.findall(open(f"{prefix}.txt").read()))
+    by_part: dict[str, int] = collections.Counter()
+    for name, start, end in ranges:
+        if start <= at <= end:
+            by_part[part(op_names.get(name, ""), depth)] += sizes[name]
+    return {
+        "temp_arena_gb": round(arena / 2**30, 3),
+        "peak_live_gb": round(peak / 2**30, 3),
+        "peak_at_fraction_of_schedule": round(at / length, 3),
+        "live_at_peak_gb_by_part": {k: round(v / 2**30, 3) for k, v in by_part.most_common(top)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dump", help="the --xla_dump_to directory")
+    parser.add_argument("--module", default="train_step", help="part of the dumped module's name")
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    print(json.dumps(analyse(args.dump, args.module, args.depth, args.top), indent=1))
+
+
+if __name__ == "__main__":
+    main()
