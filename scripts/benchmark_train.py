@@ -4,10 +4,12 @@
     python scripts/benchmark_train.py [--steps 5] [--config configs/thumos_i3d_focalloss.yaml]
     python scripts/benchmark_train.py --variants float32:highest,float32:default,bfloat16:default
 
-Prints one JSON object: per variant (compute dtype : matmul precision) the compile time, median step time, steps/s,
-peak resident memory of a process that does only that, XLA's FLOP count of one step and the achieved
-FLOP/s as a fraction of a dense matmul measured in the same run. Each dtype runs in its own process so that
-peak memory is its own. Not a test: timings on shared machines are noisy; compare ratios of one run.
+Prints one JSON object: per variant (compute dtype : matmul precision) the compile time, median step time,
+steps/s, peak resident memory of a process that does only that (and its peak after compiling), XLA's FLOP
+count of one step and the achieved FLOP/s as a fraction of a dense matmul measured in the same run. Each
+dtype runs in its own process so that peak memory is its own. `--profile` adds the step time by operation
+kind and by model part from XLA's profile (CLTDR_PROFILE_DEPTH=N: N module names per part, default 2).
+Not a test: timings on shared machines are noisy; compare ratios of one run.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import glob
 import json
 import re
 
-_VALUE = re.compile(r"<\d+ (\S+) @\d+> \(size=(\d+),offset=\d+\)")
+_VALUE = re.compile(r"<\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\)")
 _RANGE = re.compile(r"\s+(\S+?)\{[^}]*\}:(\d+)-(\d+)")
 _OP_NAME = re.compile(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"")
 _WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|checkpoint|remat|vmap)\((.*)\)$")
@@ -45,33 +45,40 @@ def analyse(dump: str, module: str = "train_step", depth: int = 3, top: int = 25
     prefix = glob.glob(f"{dump}/*{module}*after_optimizations-buffer-assignment.txt")[0].removesuffix(
         "-buffer-assignment.txt"
     )
-    sizes, arena, in_temp = {}, 0, False
+    slices, arena, in_temp = {}, 0, False  # value -> (offset, size) in the temporary arena
     for line in open(f"{prefix}-buffer-assignment.txt"):
         if line.startswith("allocation"):
             in_temp = "preallocated-temp" in line
             if in_temp:
                 arena = int(line.split("size ")[1].split(",")[0])
         elif in_temp and (m := _VALUE.search(line)):
-            sizes[m.group(1)] = int(m.group(2))
+            slices[m.group(1)] = (int(m.group(3)), int(m.group(2)))
     ranges = []
     for line in open(f"{prefix}-live-range.txt").read().split("BufferLiveRange:")[1].splitlines():
-        if (m := _RANGE.match(line)) and m.group(1) in sizes:
+        if (m := _RANGE.match(line)) and m.group(1) in slices:
             ranges.append((m.group(1), int(m.group(2)), int(m.group(3))))
-    length = max(end for _, _, end in ranges) + 2
-    delta = [0] * length
-    for name, start, end in ranges:
-        delta[start] += sizes[name]
-        delta[end + 1] -= sizes[name]
+    # Replay: values that share a slice (in-place outputs, aliases) count once while any of them is alive.
+    events = sorted([(start, 0, name) for name, start, _ in ranges] + [(end + 1, -1, name) for name, _, end in ranges])
+    holders: dict[tuple[int, int], int] = collections.Counter()
     live, peak, at = 0, 0, 0
-    for t in range(length):
-        live += delta[t]
-        if live > peak:
-            peak, at = live, t
+    for t, kind, name in events:  # at equal times the ends (-1) come first
+        key = slices[name]
+        if kind < 0:
+            holders[key] -= 1
+            live -= key[1] if holders[key] == 0 else 0
+        else:
+            live += key[1] if holders[key] == 0 else 0
+            holders[key] += 1
+            if live > peak:
+                peak, at = live, t
+    length = max(end for _, _, end in ranges) + 1
     op_names = dict(_OP_NAME.findall(open(f"{prefix}.txt").read()))
     by_part: dict[str, int] = collections.Counter()
+    counted = set()
     for name, start, end in ranges:
-        if start <= at <= end:
-            by_part[part(op_names.get(name, ""), depth)] += sizes[name]
+        if start <= at <= end and slices[name] not in counted:
+            counted.add(slices[name])
+            by_part[part(op_names.get(name, ""), depth)] += slices[name][1]
     return {
         "temp_arena_gb": round(arena / 2**30, 3),
         "peak_live_gb": round(peak / 2**30, 3),

@@ -76,13 +76,15 @@ def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None
 def _im2col_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Array:
     """conv1d (stride 1) for few input channels: [x[t - K//2], ..., x[t + K//2]] @ kernel.reshape(K * I, O).
 
-    One matmul with a K * I deep contraction; only the summation order differs from a convolution.
+    One matmul with a K * I deep contraction, accumulated in float32; only the summation order differs
+    from a convolution.
     """
     k, i, o = kernel.shape
     t, pad = x.shape[1], k // 2
     xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
     columns = jnp.concatenate([xp[:, j : j + t] for j in range(k)], axis=-1)
-    return jnp.matmul(columns, kernel.astype(x.dtype).reshape(k * i, o), precision=precision)
+    taps = kernel.astype(x.dtype).reshape(k * i, o)
+    return jnp.matmul(columns, taps, precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _narrow_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Array:
