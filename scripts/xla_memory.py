@@ -21,24 +21,11 @@ import glob
 import json
 import re
 
+from xla_profile import scope
+
 _VALUE = re.compile(r"<\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\)")
 _RANGE = re.compile(r"\s+(\S+?)\{[^}]*\}:(\d+)-(\d+)")
 _OP_NAME = re.compile(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"")
-_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|checkpoint|remat|vmap)\((.*)\)$")
-
-
-def part(op_name: str, depth: int) -> str:
-    names = []
-    for name in op_name.split("/"):
-        while (m := _WRAPPER.match(name)) is not None:
-            name = m.group(1)
-        if (
-            name
-            and name not in ("main", "CLTDRGMG", "train_step", "checkpoint", "rematted_computation")
-            and name not in names
-        ):
-            names.append(name)
-    return "/".join(names[:depth]) or "(top level)"
 
 
 def analyse(dump: str, module: str = "train_step", depth: int = 3, top: int = 25) -> dict:
@@ -78,7 +65,7 @@ def analyse(dump: str, module: str = "train_step", depth: int = 3, top: int = 25
     for name, start, end in ranges:
         if start <= at <= end and slices[name] not in counted:
             counted.add(slices[name])
-            by_part[part(op_names.get(name, ""), depth)] += slices[name][1]
+            by_part[scope(op_names.get(name, ""), depth)] += slices[name][1]
     return {
         "temp_arena_gb": round(arena / 2**30, 3),
         "peak_live_gb": round(peak / 2**30, 3),

@@ -73,20 +73,22 @@ def _opcodes(computations, name: str, seen: set[str] | None = None) -> list[str]
     return out
 
 
-_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|checkpoint|remat|rematted_computation)\((.*)\)$")
+_WRAPPER = re.compile(r"^(?:jit|pjit|jvp|transpose|vmap|checkpoint|remat)\((.*)\)$")
+_NOT_A_PART = ("main", "CLTDRGMG", "checkpoint", "rematted_computation", "while", "body", "cond")
 
 
 def scope(op_name: str, depth: int = 2) -> str:
     """The model part an instruction comes from: the first `depth` module names of its op_name metadata,
-    without JAX's jit / jvp / transpose wrappers ("jit(step)/transpose(jvp(CLTDRGMG))/backbone/stem_0/..."
-    -> "backbone/stem_0"); the optimizer, the losses and the decoder come out under their own names."""
+    without JAX's jit / jvp / transpose / remat wrappers, each name once ("jit(step)/transpose(jvp(CLTDRGMG))/
+    backbone/stem_0/..." -> "backbone/stem_0"); the optimizer, the losses and the decoder come out under
+    their own names. Also used by scripts/xla_memory.py."""
     parts = []
     for part in op_name.split("/"):
         if part.startswith(("jit(", "pjit(")):  # the jitted function's own name
             continue
         while (m := _WRAPPER.match(part)) is not None:
             part = m.group(1)
-        if part and not part.startswith(("main", "CLTDRGMG", "while", "body", "cond")):
+        if part and not part.startswith(_NOT_A_PART) and part not in parts:
             parts.append(part)
     return "/".join(parts[:depth]) or "(top level)"
 

@@ -31,9 +31,12 @@ def test_profile_scope_strips_jax_wrappers(op_name, depth, expected):
     assert xla_profile.scope(op_name, depth) == expected
 
 
-def test_memory_part_skips_remat_wrappers():
+def test_scope_skips_remat_wrappers_and_repeated_names():
     name = "jit(train_step)/transpose(jvp(CLTDRGMG))/checkpoint/rematted_computation/cls_head/trunk/norm_0/div"
-    assert xla_memory.part(name, 3) == "cls_head/trunk/norm_0"
+    assert xla_profile.scope(name, 3) == "cls_head/trunk/norm_0"
+    assert xla_profile.scope("jit(train_step)/jvp(CLTDRGMG)/backbone/CLTDRGMG/backbone/stem_0/ln", 2) == (
+        "backbone/stem_0"
+    )
 
 
 def test_memory_replay_sees_two_matrices_alive_together(tmp_path):
