@@ -33,6 +33,7 @@ from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.model.trident import scored_segments
 from cltdr_jax.points import check_point_buffer
 from cltdr_jax.postprocess import Detections, to_seconds, video_detections
+from cltdr_jax.xla_options import compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,10 @@ class Predictor:
             # Packed over levels: three transfers instead of three per level; split on the host (views).
             return scored_segments(outputs, cfg.strides, cfg.model.num_bins)
 
-        # The network + decoding, forward(params, feats, mask) -> (scores, left, right); also what `cltdr export`
-        # serializes.
-        self.forward = jax.jit(forward)
+        # The network + decoding, forward(params, feats, mask) -> (scores, left, right): traceable, what
+        # `cltdr export` serializes; `_jitted` compiles it here (compiler options only go on a top-level jit).
+        self.forward = forward
+        self._jitted = jax.jit(forward, compiler_options=compiler_options())
         self._executables: dict[tuple[int, int], Any] = {}
         self.padded_lengths: set[int] = set()
         self.compile_seconds: dict[int, float] = {}  # padded length -> seconds spent lowering and compiling
@@ -132,7 +134,7 @@ class Predictor:
             start = time.perf_counter()
             x = jax.ShapeDtypeStruct((self.batch_size, padded_len, d), jnp.float32)
             mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
-            exe = self.forward.lower(self.params, x, mask).compile()
+            exe = self._jitted.lower(self.params, x, mask).compile()
             self.compile_seconds[padded_len] = time.perf_counter() - start
             self._executables[(padded_len, d)] = exe
             log.debug(

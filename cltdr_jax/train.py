@@ -46,6 +46,7 @@ from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.optim import ema_update, make_optimizer
 from cltdr_jax.points import make_points
 from cltdr_jax.xla_cache import enable_persistent_cache
+from cltdr_jax.xla_options import compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ def compile_train_step(cfg: Config, train_step, mesh: jax.sharding.Mesh):
             # The state is donated (updated in place). The batch is not: no output has its shapes, so XLA could
             # not reuse its buffers (JAX warns and ignores such a donation); it is freed when the next arrives.
             donate_argnums=0,
+            compiler_options=compiler_options(),
         ),
         replicated,
         data,

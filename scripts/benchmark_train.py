@@ -3,12 +3,15 @@
 
     python scripts/benchmark_train.py [--steps 5] [--config configs/thumos_i3d_focalloss.yaml]
     python scripts/benchmark_train.py --variants float32:highest,float32:default,bfloat16:default
+    python scripts/benchmark_train.py --variants float32,float32+xla-defaults,float32,float32+xla-defaults
 
 Prints one JSON object: per variant (compute dtype : matmul precision) the compile time, median step time,
 steps/s, peak resident memory of a process that does only that (and its peak after compiling), XLA's FLOP
 count of one step and the achieved FLOP/s as a fraction of a dense matmul measured in the same run. Each
-dtype runs in its own process so that peak memory is its own. `--profile` adds the step time by operation
-kind and by model part from XLA's profile (CLTDR_PROFILE_DEPTH=N: N module names per part, default 2).
+dtype runs in its own process so that peak memory is its own; a variant ending in "+xla-defaults" compiles
+with XLA's default options instead of ours (cltdr_jax/xla_options.py), to measure what they are worth.
+`--profile` adds the step time by operation kind, by model part and the costliest instructions from XLA's
+profile (CLTDR_PROFILE_DEPTH=N: N module names per part, default 2; CLTDR_PROFILE_TOP=N: how many, default 25).
 Not a test: timings on shared machines are noisy; compare ratios of one run.
 """
 
@@ -74,7 +77,9 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
         return_freed_memory,
         training_model,
     )
+    from cltdr_jax.xla_options import compiler_options
 
+    variant = variant.removesuffix("+xla-defaults")  # the environment says it (main sets CLTDR_XLA_DEFAULTS)
     dtype, _, precision = variant.partition(":")
     sets = [f"trainer.compute_dtype={dtype}", *([f"trainer.precision={precision}"] if precision else []), *overrides]
     cfg = load_config(config, sets)
@@ -120,12 +125,19 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
             holder["state"], m = compiled(holder["state"], batch)
             return m
 
-        breakdown = op_breakdown(compiled, one_step, repeats=2, depth=int(os.environ.get("CLTDR_PROFILE_DEPTH", 2)))
+        breakdown = op_breakdown(
+            compiled,
+            one_step,
+            repeats=2,
+            depth=int(os.environ.get("CLTDR_PROFILE_DEPTH", 2)),
+            top=int(os.environ.get("CLTDR_PROFILE_TOP", 25)),
+        )
     roof = matmul_gflops("float32" if dtype == "float32" else "bfloat16")
     peak = peak_device_bytes()
     return {
         "compute_dtype": dtype,
         "precision": cfg.trainer.precision,
+        "xla_options": compiler_options(),
         "peak_device_gb": round(peak / 2**30, 2) if peak else None,
         "params": count_params(state.params),
         "batch": [b, t, d],
@@ -172,13 +184,14 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", variant]
         cmd += [f"--set={o}" for o in args.overrides] + (["--profile"] if args.profile else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        env = dict(os.environ, **({"CLTDR_XLA_DEFAULTS": "1"} if variant.endswith("+xla-defaults") else {}))
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = {
         "benchmark": "train step, THUMOS I3D config",
         "results": results,
     }
-    if len(results) == 2:
+    if [r["compute_dtype"] for r in results] == ["float32", "bfloat16"]:
         report["bfloat16_speedup"] = round(results[0]["step_s_median"] / results[1]["step_s_median"], 2)
     print(json.dumps(report, indent=1))
 

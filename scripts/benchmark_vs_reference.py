@@ -17,7 +17,7 @@ ratios of the medians. Run it on an otherwise idle machine. Parts:
   * demo: the demo's small config (64 channels, batch 4, T = 512) on the same `cltdr synth` data, for
     `--demo-epochs` epochs: the reference's training loop (`ref_train_synth.py`, its epochs' time) against
     `cltdr train` (its steps' time from log.jsonl, the first, compiling step left out), and our compiled step
-    alone on the same batch shapes (the loop's overhead).
+    alone on the same batch shapes, timed in the same process right after training (the loop's overhead).
 """
 
 from __future__ import annotations
@@ -97,29 +97,42 @@ def demo_round(data: Path, epochs: int, workdir: Path) -> dict:
     ref = run_json([ref_python(), str(TOOLS / "ref_train_synth.py"), "--data", str(data), "--seed", "0",
                     "--workdir", str(ref_dir), "--demo-py", str(REPO / "cltdr_jax" / "demo.py"),
                     "--warmup-epochs", "2", "--epochs", str(epochs - 2)])  # fmt: skip
-    ours_dir = workdir / f"ours_{time.time_ns()}"
-    cmd = [sys.executable, "-m", "cltdr_jax.cli", "train", str(data / "config.yaml"), "--workdir", str(ours_dir)]
-    t0 = time.perf_counter()
-    subprocess.run([*cmd, *(f"--set={s}" for s in settings)], check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    log = [json.loads(line) for line in (ours_dir / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in log if "final_loss" in r]
-    loop_s = sum(r["step_time"] for r in steps[1:])
-    alone = run_json([sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--config",
-                      str(data / "config.yaml"), "--steps", "30", "--variants", "float32",
-                      *(f"--set={s}" for s in settings)])["results"][0]  # fmt: skip
-    ours_step = loop_s / (len(steps) - 1)
+    ours = run_json([sys.executable, __file__, "--demo-child", str(data / "config.yaml"),
+                     str(workdir / f"ours_{time.time_ns()}"), *settings])  # fmt: skip
+    steps, loop_s, alone = ours["steps"], ours["loop_s_without_first_step"], ours["compiled_step_alone"]
+    ours_step = loop_s / (steps - 1)
     return {
         "reference": {"steps": ref["steps"], "train_s": ref["train_s"], "steps_per_s": ref["steps"] / ref["train_s"]},
         "ours": {
-            "steps": len(steps),
+            "steps": steps,
             "loop_s_without_first_step": round(loop_s, 2),
             "steps_per_s": round(1 / ours_step, 3),
-            "wall_s_with_compile_and_evaluation": round(wall, 1),
+            "wall_s_with_compile_and_evaluation": ours["wall_s"],
             "compiled_step_alone_s": alone["step_s_median"],
             "loop_overhead": round(ours_step / alone["step_s_median"] - 1, 3),
         },
     }
+
+
+def demo_child(config: str, workdir: str, settings: list[str]) -> None:
+    """`cltdr train`'s body (train_and_evaluate), then its compiled step alone on batches of the same shapes,
+    in this one process: the loop's overhead measured without a second process's different state."""
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_train import run_variant
+
+    from cltdr_jax.config import load_config
+    from cltdr_jax.train import train_and_evaluate
+
+    t0 = time.perf_counter()
+    train_and_evaluate(load_config(config, settings), workdir)
+    wall = time.perf_counter() - t0
+    log = [json.loads(line) for line in (Path(workdir) / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "final_loss" in r]
+    loop_s = round(sum(r["step_time"] for r in steps[1:]), 2)
+    alone = run_variant(config, "float32", 30, tuple(settings))
+    print(json.dumps({"steps": len(steps), "loop_s_without_first_step": loop_s, "wall_s": round(wall, 1),
+                      "compiled_step_alone": alone}))  # fmt: skip
 
 
 def median(values: list[float]) -> float:
@@ -133,7 +146,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured train steps per process")
     parser.add_argument("--demo-epochs", type=int, default=10)
     parser.add_argument("--out")
+    parser.add_argument("--demo-child", nargs="+", help=argparse.SUPPRESS)  # CONFIG WORKDIR SETTING...
     args = parser.parse_args()
+    if args.demo_child:
+        demo_child(args.demo_child[0], args.demo_child[1], args.demo_child[2:])
+        return
     parts = args.parts.split(",")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     flags = open("/proc/cpuinfo").read()

@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[^=]*?\s([\w\-]+)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([^=]*?)\s([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -42,9 +42,9 @@ _MOVES = {
 }  # fmt: skip
 
 
-def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], dict[str, str]]:
-    """computation -> [(instruction, opcode, rest of line)], and instruction -> its computation."""
-    computations: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str, str]]], dict[str, str]]:
+    """computation -> [(instruction, opcode, rest of line, result shape)], and instruction -> its computation."""
+    computations: dict[str, list[tuple[str, str, str, str]]] = collections.defaultdict(list)
     where: dict[str, str] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -54,7 +54,7 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[tuple[str, str, str]]], dict[s
             continue
         m = _INSTRUCTION.match(line)
         if m and current is not None:
-            computations[current].append((m.group(1), m.group(2), m.group(3)))
+            computations[current].append((m.group(1), m.group(3), m.group(4), m.group(2)))
             where[m.group(1)] = current
     return computations, where
 
@@ -66,7 +66,7 @@ def _opcodes(computations, name: str, seen: set[str] | None = None) -> list[str]
         return []
     seen.add(name)
     out = []
-    for _, opcode, rest in computations.get(name, []):
+    for _, opcode, rest, _ in computations.get(name, []):
         out.append(opcode)
         for called in _CALLS.findall(rest):
             out += _opcodes(computations, called, seen)
@@ -93,12 +93,13 @@ def scope(op_name: str, depth: int = 2) -> str:
     return "/".join(parts[:depth]) or "(top level)"
 
 
-def classify(hlo_text: str, depth: int = 2) -> dict[str, tuple[str, str, str]]:
-    """instruction name -> (kind, pass, scope) for every instruction of a compiled module's text."""
+def classify(hlo_text: str, depth: int = 2) -> dict[str, tuple[str, str, str, str]]:
+    """instruction name -> (kind, pass, scope, result shape) for every instruction of a compiled module's
+    text."""
     computations, _ = _parse(hlo_text)
     out = {}
     for instructions in computations.values():
-        for name, opcode, rest in instructions:
+        for name, opcode, rest, shape in instructions:
             inner = [opcode]
             for called in _CALLS.findall(rest):
                 inner += _opcodes(computations, called)
@@ -116,7 +117,7 @@ def classify(hlo_text: str, depth: int = 2) -> dict[str, tuple[str, str, str]]:
             op_name = _OP_NAME.search(rest)
             backward = bool(op_name and "transpose(" in op_name.group(1))
             where = scope(op_name.group(1), depth) if op_name else "?"
-            out[name] = (kind, "backward" if backward else "forward", where)
+            out[name] = (kind, "backward" if backward else "forward", where, shape)
     return out
 
 
@@ -124,7 +125,7 @@ def op_breakdown(
     compiled: Any, run: Callable[[], Any], repeats: int = 2, top: int = 25, depth: int = 2
 ) -> dict[str, Any]:
     """Seconds per (kind, pass) for one call of `run` (which calls `compiled` once), averaged over repeats,
-    and the `top` (model part, kind) pairs by time (a part: `depth` module names)."""
+    the `top` (model part, kind) pairs by time (a part: `depth` module names) and the `top` instructions."""
     kinds = classify(compiled.as_text(), depth)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
@@ -135,6 +136,7 @@ def op_breakdown(
         events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
     totals: dict[str, float] = collections.Counter()
     by_scope: dict[str, float] = collections.Counter()
+    by_instruction: dict[str, float] = collections.Counter()
     unmatched = 0.0
     for e in events:
         op = (e.get("args") or {}).get("hlo_op")
@@ -142,9 +144,10 @@ def op_breakdown(
             continue
         seconds = e.get("dur", 0) / 1e6 / repeats
         if op in kinds:
-            kind, direction, where = kinds[op]
+            kind, direction, where, _ = kinds[op]
             totals[f"{direction}/{kind}"] += seconds
             by_scope[f"{where} [{kind}]"] += seconds
+            by_instruction[op] += seconds
         else:
             unmatched += seconds
     total = sum(totals.values())
@@ -153,6 +156,8 @@ def op_breakdown(
         "fraction": {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])} if total else {},
         # The model parts and op kinds that cost most (forward and backward together): where to look next.
         "top_scopes_s": {k: round(v, 4) for k, v in by_scope.most_common(top)},
+        # The single instructions that cost most: "name kind pass scope shape" -> seconds.
+        "top_instructions_s": {" ".join((op, *kinds[op])): round(v, 4) for op, v in by_instruction.most_common(top)},
         "instructions_total_s": round(total, 4),
         "unclassified_s": round(unmatched, 4),
     }

@@ -37,6 +37,7 @@ from cltdr_jax.config import Config, config_from_dict
 from cltdr_jax.errors import CheckpointError, DataError
 from cltdr_jax.inference import Predictor
 from cltdr_jax.points import check_point_buffer
+from cltdr_jax.xla_options import compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,7 @@ class ExportedPredictor(Predictor):
         self.padded_lengths: set[int] = set()
         self.compile_seconds: dict[int, float] = {}
         self._programs = {int(t): self._load(int(t), entry) for t, entry in m.get("programs", {}).items()}
+        self._jitted: dict[int, Any] = {}
         log.info("%s: %d exported programs (padded lengths %s)", self.directory, len(self._programs), self.lengths)
 
     @property
@@ -336,5 +338,8 @@ class ExportedPredictor(Predictor):
 
     def executable(self, padded_len: int, input_dim: int | None = None) -> Any:
         """The deserialized program, called as `Predictor` calls its executables: (params, feats, mask)."""
-        exported = self._programs[padded_len]
-        return lambda _params, feats, mask: exported.call(feats, mask)
+        if padded_len not in self._jitted:
+            # Compiled (once) with the options `Predictor` uses: the same detections to the last bit.
+            self._jitted[padded_len] = jax.jit(self._programs[padded_len].call, compiler_options=compiler_options())
+        program = self._jitted[padded_len]
+        return lambda _params, feats, mask: program(feats, mask)

@@ -33,7 +33,8 @@ def softshrink(v: Array, lam: float = SOFTSHRINK_LAMBDA) -> Array:
 
 
 def complex_affine(re: Array, im: Array, w: Array, b: Array) -> tuple[Array, Array]:
-    """(w_r + i w_i)(re + i im) + (b_r + i b_i), per channel; w, b are [2, C] (real row, imaginary row)."""
+    """(w_r + i w_i)(re + i im) + (b_r + i b_i), per channel; w, b are [2, ...] (real row, imaginary row),
+    each row broadcast against re and im."""
     return re * w[0] - im * w[1] + b[0], im * w[0] + re * w[1] + b[1]
 
 
@@ -43,14 +44,18 @@ def global_branch(o: Array, w1: Array, b1: Array, w2: Array, b2: Array) -> Array
     The filter is a per-channel two-layer complex MLP applied to the spectrum itself (ReLU on the real and
     imaginary parts separately, softshrink at the end), so it adapts to the input rather than being a
     learned per-frequency table.
+
+    Computed as [B, D, T], the layout XLA's FFT works in: in [B, T, D] every elementwise step on the
+    spectrum re-reads it through a transpose (measured 2.5x slower, forward + backward, on the CPU).
     """
     t = o.shape[1]
-    spec = jnp.fft.rfft(o, axis=1, norm="ortho")
+    spec = jnp.fft.rfft(jnp.swapaxes(o, 1, 2), axis=-1, norm="ortho")
     re, im = jnp.real(spec), jnp.imag(spec)
+    w1, b1, w2, b2 = (w[..., None] for w in (w1, b1, w2, b2))  # [2, D, 1]: per channel, along frequencies
     h_re, h_im = complex_affine(re, im, w1, b1)
     h_re, h_im = complex_affine(jax.nn.relu(h_re), jax.nn.relu(h_im), w2, b2)
     filt = jax.lax.complex(softshrink(h_re), softshrink(h_im))
-    return jnp.fft.irfft(filt * spec, n=t, axis=1, norm="ortho")
+    return jnp.swapaxes(jnp.fft.irfft(filt * spec, n=t, axis=-1, norm="ortho"), 1, 2)
 
 
 def depthwise_conv(x: Array, kernel: Array, bias: Array) -> Array:
