@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+XLA_DEFAULTS = "+xla-defaults"  # a variant's suffix: compile with XLA's default options (xla_options.DEFAULTS_ENV)
 
 
 def matmul_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
@@ -79,7 +80,7 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
     )
     from cltdr_jax.xla_options import compiler_options
 
-    variant = variant.removesuffix("+xla-defaults")  # the environment says it (main sets CLTDR_XLA_DEFAULTS)
+    variant = variant.removesuffix(XLA_DEFAULTS)  # the environment says it (main sets DEFAULTS_ENV)
     dtype, _, precision = variant.partition(":")
     sets = [f"trainer.compute_dtype={dtype}", *([f"trainer.precision={precision}"] if precision else []), *overrides]
     cfg = load_config(config, sets)
@@ -163,6 +164,8 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
 
 
 def main() -> None:
+    from cltdr_jax.xla_options import DEFAULTS_ENV
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "thumos_i3d_focalloss.yaml"))
     parser.add_argument("--steps", type=int, default=5)
@@ -184,7 +187,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", variant]
         cmd += [f"--set={o}" for o in args.overrides] + (["--profile"] if args.profile else [])
-        env = dict(os.environ, **({"CLTDR_XLA_DEFAULTS": "1"} if variant.endswith("+xla-defaults") else {}))
+        env = dict(os.environ, **({DEFAULTS_ENV: "1"} if variant.endswith(XLA_DEFAULTS) else {}))
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     report = {
