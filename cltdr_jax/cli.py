@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="from video files to detections: extract, predict and plot in one command")
     _add_config_args(p)
-    p.add_argument("checkpoint_dir", help="orbax checkpoint directory (from `cltdr convert` or `cltdr train`)")
+    p.add_argument("checkpoint_dir", help=_CHECKPOINT_HELP)
+    _add_checkpoint_args(p)
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
     p.add_argument("--out", required=True, help="detections JSON (the format of `cltdr predict`)")
     p.add_argument("--plot", default=None, metavar="DIR", help="write a timeline picture DIR/<video id>.png per video")

@@ -418,14 +418,16 @@ def detect(args: argparse.Namespace) -> int:
     from cltdr_jax.config import load_config
     from cltdr_jax.video.detect import check_grid, detect_features, plot_detections, streams_for
 
+    # Not _load_model: --dtype and --batch-size are the I3D network's here, not inference.* keys.
     cfg = load_config(args.config, args.overrides)
+    # A bad checkpoint fails before the slow extraction.
+    params, _meta = load_params(args.checkpoint_dir, cfg, step=args.step, weights=args.weights)
     streams = args.streams or ",".join(streams_for(cfg))
     window = args.window if args.window is not None else cfg.dataset.num_frames
     stride = args.stride if args.stride is not None else cfg.dataset.feat_stride
     options = _extract_options(args, window, stride, streams)
     for warning in check_grid(cfg, options):
         log.warning(warning)
-    params, _meta = load_params(args.checkpoint_dir, cfg)  # a bad checkpoint fails before the slow extraction
     keep = args.features_out
     with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="cltdr_features_") as folder:
         infos = _extract_to(args, options, folder)

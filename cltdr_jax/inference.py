@@ -132,15 +132,18 @@ class Predictor:
         exe = self._executables.get((padded_len, d))
         if exe is None:
             start = time.perf_counter()
-            x = jax.ShapeDtypeStruct((self.batch_size, padded_len, d), jnp.float32)
-            mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
-            exe = self._jitted.lower(self.params, x, mask).compile()
+            exe = self._compile(padded_len, d)
             self.compile_seconds[padded_len] = time.perf_counter() - start
             self._executables[(padded_len, d)] = exe
             log.debug(
                 "compiled the network for padded length %d in %.1f s", padded_len, self.compile_seconds[padded_len]
             )
         return exe
+
+    def _compile(self, padded_len: int, input_dim: int) -> Any:
+        x = jax.ShapeDtypeStruct((self.batch_size, padded_len, input_dim), jnp.float32)
+        mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
+        return self._jitted.lower(self.params, x, mask).compile()
 
     def padded_length(self, feats: np.ndarray, video_id: str = "?") -> int:
         """Checks one video's features [T, D_in] and returns its padded length (REFERENCE.md 3)."""

@@ -23,9 +23,9 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
-import subprocess
 import time
+
+from machine import machine
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,43 +40,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def random_port_weights(channels: int, seed: int):
-    import numpy as np
-
-    from cltdr_jax.video.i3d import torch_key_shapes
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in torch_key_shapes(channels).items():
-        if key.endswith("conv3d.weight"):
-            out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
-        elif key.endswith(("bn.weight", "running_var")):
-            out[key] = np.ones(shape, np.float32)
-        else:
-            out[key] = np.zeros(shape, np.float32)
-    return out
-
-
 def time_network(stream: str, dtype: str, args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from cltdr_jax.video.i3d import I3D, STREAM_CHANNELS, i3d_params_from_torch
+    from cltdr_jax.video.i3d import I3D, STREAM_CHANNELS, i3d_params_from_torch, random_torch_weights
 
     channels = STREAM_CHANNELS[stream]
-    variables = jax.device_put(i3d_params_from_torch(random_port_weights(channels, seed=channels)))
+    variables = jax.device_put(i3d_params_from_torch(random_torch_weights(channels, seed=channels)))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
     model = I3D(in_channels=channels, dtype=compute, precision=precision)
@@ -129,8 +101,7 @@ def main() -> None:
     import jax
 
     result = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        "machine": machine(),
         "load_average": round(os.getloadavg()[0], 2),
         "jax": jax.__version__,
         "device": str(jax.devices()[0]),

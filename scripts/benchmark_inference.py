@@ -46,7 +46,6 @@ if ARGS.threads:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
 
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -55,6 +54,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import machine  # noqa: E402
 
 from cltdr_jax.config import load_config  # noqa: E402
 from cltdr_jax.convert import count_params  # noqa: E402
@@ -197,8 +197,7 @@ def main() -> None:
         "params": count_params(params),
         "init_s": round(init_s, 2),
         "machine": {
-            "cpus_used": len(os.sched_getaffinity(0)),
-            "cpu": platform.processor() or platform.machine(),
+            **machine(),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "python": sys.version.split()[0],

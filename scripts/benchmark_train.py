@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine
+
 REPO = Path(__file__).resolve().parents[1]
 XLA_DEFAULTS = "+xla-defaults"  # a variant's suffix: compile with XLA's default options (xla_options.DEFAULTS_ENV)
 
@@ -159,6 +161,7 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
         "fraction_of_matmul_roof": round(flops / step_s / 1e9 / roof, 3),
         "final_loss_finite": bool(np.isfinite(float(metrics["final_loss"]))),
         "device": str(jax.devices()[0].device_kind),
+        "machine": machine(),
         "profile_by_op_kind": breakdown,
     }
 

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine
+
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO.parent / "shared" / "tools" / "reference"
 CONFIG = REPO / "configs" / "thumos_i3d_focalloss.yaml"
@@ -152,14 +154,9 @@ def main() -> None:
         demo_child(args.demo_child[0], args.demo_child[1], args.demo_child[2:])
         return
     parts = args.parts.split(",")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    flags = open("/proc/cpuinfo").read()
     report: dict = {
         "benchmark": "cltdr-jax vs the reference (authors' PyTorch code), side by side in one run",
-        "cpu": cpu,
-        "amx": "amx_bf16" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "cores": os.cpu_count(),
+        **machine(),
         "rounds": [],
     }
     data = None

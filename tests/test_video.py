@@ -16,7 +16,7 @@ from conftest import TINY_OVERRIDES
 from cltdr_jax.cli import main
 from cltdr_jax.video.extract import ExtractOptions, I3DFeatures, extract_videos, num_windows
 from cltdr_jax.video.frames import TVL1, FrameProtocol, frame_inputs, resampled_frames
-from cltdr_jax.video.i3d import torch_key_shapes
+from cltdr_jax.video.i3d import random_torch_weights
 
 # Third-party decoders: skipped in a plain clone, installed by the `dev` extra in CI.
 av = pytest.importorskip("av", reason="needs PyAV (pip install cltdr-jax[video])")
@@ -52,27 +52,13 @@ def write_video(path: Path, frames: int, fps: int = 30, size: tuple[int, int] = 
     return path
 
 
-def _random_port_weights(channels: int, seed: int) -> dict[str, np.ndarray]:
-    """He-normal convolutions, identity BatchNorm: activations stay O(1) through the 57 layers."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in torch_key_shapes(channels).items():
-        if key.endswith("conv3d.weight"):
-            out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
-        elif key.endswith(("bn.weight", "running_var")):
-            out[key] = np.ones(shape, np.float32)
-        else:
-            out[key] = np.zeros(shape, np.float32)
-    return out
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("i3d_weights")
     paths = {}
     for seed, (stream, channels) in enumerate((("rgb", 3), ("flow", 2))):
         paths[stream] = folder / f"{stream}_random.npz"
-        np.savez(paths[stream], **_random_port_weights(channels, seed))
+        np.savez(paths[stream], **random_torch_weights(channels, seed))
     return paths
 
 
@@ -312,3 +298,14 @@ def test_detect_refuses_a_grid_the_model_was_not_trained_on(videos, weights, tin
     assert code == 2 and "--stride 8 but the model's dataset.feat_stride is 4" in err
     code, _, err = run([*base, "--streams", "rgb", "--rgb-weights", weights["rgb"]], capsys)
     assert code == 2 and "gives 1024-d features but the model takes dataset.input_dim = 2048" in err
+
+
+def test_detect_takes_the_checkpoint_step_and_weights(videos, weights, tiny_checkpoint, tmp_path, capsys):
+    """--step / --weights reach the checkpoint loader, which refuses before any video is decoded."""
+    ckpt, overrides = tiny_checkpoint
+    sets = [a for o in overrides for a in ("--set", o)]
+    base = ["detect", REPO / "configs" / "thumos_i3d.yaml", ckpt, videos["short"], *sets, "--out", tmp_path / "d.json"]
+    code, _, err = run([*base, *_weight_args(weights), "--step", "99"], capsys)
+    assert code == 2 and "99" in err and not (tmp_path / "d.json").exists()
+    code, _, err = run([*base, *_weight_args(weights), "--weights", "raw"], capsys)
+    assert code == 2 and "raw" in err and not (tmp_path / "d.json").exists()

@@ -286,13 +286,8 @@ class ExportedPredictor(Predictor):
                 f"{self.directory}: exported for {', '.join(m.get('platforms', []))}; this process runs on "
                 f"{platform} (export again with --platforms including {platform})"
             )
-        self.cfg = cfg
-        self.batch_size = int(m.get("batch_size", 1))
-        self._params = None
-        self.padded_lengths: set[int] = set()
-        self.compile_seconds: dict[int, float] = {}
+        super().__init__(cfg, None, batch_size=int(m.get("batch_size", 1)))
         self._programs = {int(t): self._load(int(t), entry) for t, entry in m.get("programs", {}).items()}
-        self._jitted: dict[int, Any] = {}
         log.info("%s: %d exported programs (padded lengths %s)", self.directory, len(self._programs), self.lengths)
 
     @property
@@ -324,7 +319,8 @@ class ExportedPredictor(Predictor):
 
     @params.setter
     def params(self, params: Any) -> None:
-        raise AttributeError("an exported predictor's weights are inside its programs")
+        if params is not None:
+            raise AttributeError("an exported predictor's weights are inside its programs")
 
     def padded_length(self, feats: np.ndarray, video_id: str = "?") -> int:
         padded = super().padded_length(feats, video_id)
@@ -336,10 +332,11 @@ class ExportedPredictor(Predictor):
             )
         return padded
 
-    def executable(self, padded_len: int, input_dim: int | None = None) -> Any:
+    def _compile(self, padded_len: int, input_dim: int) -> Any:
         """The deserialized program, called as `Predictor` calls its executables: (params, feats, mask)."""
-        if padded_len not in self._jitted:
-            # Compiled (once) with the options `Predictor` uses: the same detections to the last bit.
-            self._jitted[padded_len] = jax.jit(self._programs[padded_len].call, compiler_options=compiler_options())
-        program = self._jitted[padded_len]
-        return lambda _params, feats, mask: program(feats, mask)
+        # Compiled with the options `Predictor` uses: the same detections to the last bit.
+        program = jax.jit(self._programs[padded_len].call, compiler_options=compiler_options())
+        x = jax.ShapeDtypeStruct((self.batch_size, padded_len, input_dim), jnp.float32)
+        mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
+        compiled = program.lower(x, mask).compile()
+        return lambda _params, feats, mask: compiled(feats, mask)

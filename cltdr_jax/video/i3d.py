@@ -269,6 +269,23 @@ def torch_key_shapes(in_channels: int = 3, num_classes: int = 400) -> dict[str, 
     return out
 
 
+def random_torch_weights(in_channels: int, seed: int) -> dict[str, np.ndarray]:
+    """A state_dict for the port with random weights, for tests and benchmarks without the real files.
+
+    He-normal convolutions and identity BatchNorm, so activations stay O(1) through the 57 layers.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in torch_key_shapes(in_channels).items():
+        if key.endswith("conv3d.weight"):
+            out[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+        elif key.endswith(("bn.weight", "running_var")):
+            out[key] = np.ones(shape, np.float32)
+        else:
+            out[key] = np.zeros(shape, np.float32)
+    return out
+
+
 def _listed(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
