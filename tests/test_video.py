@@ -168,6 +168,24 @@ def test_one_compilation_per_batch_shape_and_batching_does_not_change_rows(video
     np.testing.assert_allclose(rows[3], rows[8], rtol=1e-5, atol=1e-5)
 
 
+def test_i3d_programs_get_our_compiler_options(weights, monkeypatch):
+    """As the detector's: compiled without YNNPACK fusions on the CPU (XLA's defaults make two at this size)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cltdr_jax import xla_options
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the option is for the CPU backend")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv(xla_options.DEFAULTS_ENV, raising=False)
+    options = ExtractOptions(FrameProtocol(resize=72, size=64), window=16, stride=4, streams=("rgb",))
+    network = I3DFeatures(weights, options)
+    x = jax.ShapeDtypeStruct((1, 16, 64, 64, 3), jnp.uint8)
+    text = network._fns["rgb"].lower(network.variables["rgb"], x).compile().as_text()
+    assert "fusion" in text and "__ynn_fusion" not in text
+
+
 def test_extract_one_stream_and_bfloat16(videos, weights, tmp_path, capsys):
     out = tmp_path / "flow_only"
     code, _, stderr = run(

@@ -30,6 +30,7 @@ import numpy as np
 from cltdr_jax.errors import DataError
 from cltdr_jax.video.frames import FrameProtocol, frame_inputs, probe
 from cltdr_jax.video.i3d import FEATURE_DIM, I3D, load_i3d_weights
+from cltdr_jax.xla_options import compiler_options
 
 STREAMS = ("rgb", "flow")
 INFO_FILE = "videos.json"
@@ -93,7 +94,7 @@ class I3DFeatures:
             model, variables = load_i3d_weights(weights[stream], stream)
             model = I3D(model.in_channels, model.num_classes, dtype=dtype, precision=precision)
             self.variables[stream] = jax.device_put(variables)
-            self._fns[stream] = jax.jit(self._clip_fn(model, stream))
+            self._fns[stream] = jax.jit(self._clip_fn(model, stream), compiler_options=compiler_options())
 
     @staticmethod
     def _clip_fn(model: I3D, stream: str) -> Callable:
