@@ -46,13 +46,15 @@ def time_network(stream: str, dtype: str, args: argparse.Namespace) -> dict:
     import numpy as np
 
     from cltdr_jax.video.i3d import I3D, STREAM_CHANNELS, i3d_params_from_torch, random_torch_weights
+    from cltdr_jax.xla_options import compiler_options
 
     channels = STREAM_CHANNELS[stream]
     variables = jax.device_put(i3d_params_from_torch(random_torch_weights(channels, seed=channels)))
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
     model = I3D(in_channels=channels, dtype=compute, precision=precision)
-    fn = jax.jit(lambda v, x: model.apply(v, x, method=I3D.clip_features))
+    # The compiler options `cltdr extract` compiles with (video/extract.py), so the figures are its own.
+    fn = jax.jit(lambda v, x: model.apply(v, x, method=I3D.clip_features), compiler_options=compiler_options())
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.window, args.size, args.size, channels)), jnp.float32)
     t0 = time.perf_counter()
