@@ -140,10 +140,15 @@ class Predictor:
             )
         return exe
 
+    def abstract_inputs(self, padded_len: int, input_dim: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        """The (feats, mask) shapes and dtypes of one call: what a program is compiled or exported for."""
+        return (
+            jax.ShapeDtypeStruct((self.batch_size, padded_len, input_dim), jnp.float32),
+            jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_),
+        )
+
     def _compile(self, padded_len: int, input_dim: int) -> Any:
-        x = jax.ShapeDtypeStruct((self.batch_size, padded_len, input_dim), jnp.float32)
-        mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
-        return self._jitted.lower(self.params, x, mask).compile()
+        return self._jitted.lower(self.params, *self.abstract_inputs(padded_len, input_dim)).compile()
 
     def padded_length(self, feats: np.ndarray, video_id: str = "?") -> int:
         """Checks one video's features [T, D_in] and returns its padded length (REFERENCE.md 3)."""

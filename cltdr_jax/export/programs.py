@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cltdr_jax.config import Config, config_from_dict
@@ -166,9 +165,8 @@ def export_programs(
     d = cfg.dataset.input_dim
     programs = {}
     for t in sorted(set(lengths)):
-        feats = jax.ShapeDtypeStruct((batch_size, t, d), jnp.float32)
-        mask = jax.ShapeDtypeStruct((batch_size, t), jnp.bool_)
-        exported = jax_export.export(jax.jit(network), platforms=tuple(platforms))(feats, mask)
+        inputs = predictor.abstract_inputs(t, d)
+        exported = jax_export.export(jax.jit(network), platforms=tuple(platforms))(*inputs)
         data = bytes(exported.serialize())
         name = program_name(t)
         _write(out_dir / name, data)
@@ -336,7 +334,5 @@ class ExportedPredictor(Predictor):
         """The deserialized program, called as `Predictor` calls its executables: (params, feats, mask)."""
         # Compiled with the options `Predictor` uses: the same detections to the last bit.
         program = jax.jit(self._programs[padded_len].call, compiler_options=compiler_options())
-        x = jax.ShapeDtypeStruct((self.batch_size, padded_len, input_dim), jnp.float32)
-        mask = jax.ShapeDtypeStruct((self.batch_size, padded_len), jnp.bool_)
-        compiled = program.lower(x, mask).compile()
+        compiled = program.lower(*self.abstract_inputs(padded_len, input_dim)).compile()
         return lambda _params, feats, mask: compiled(feats, mask)
