@@ -4,10 +4,11 @@
     python scripts/benchmark_extract.py --batch 2 --repeats 1 --flow-pairs 4 --out bench.json
 
 How each figure is measured:
-  * `clips_per_s[stream][dtype]`: the compiled `I3D.clip_features` (what `cltdr extract` runs) on a batch of
-    `--batch` random clips [B, 16, 224, 224, C] (C = 3 RGB, 2 flow) with seeded random weights in the port's
-    layout (speed does not depend on the values); one call first to compile (`compile_s`, not counted),
-    then `--repeats` timed calls, each waited for with `block_until_ready`; clips/s = B x repeats / time.
+  * `clips_per_s[stream][dtype]`: `cltdr extract`'s compiled network (`I3DFeatures`) on a batch of
+    `--batch` random clips [B, 16, 224, 224, C] (C = 3 RGB as uint8, 2 flow as float32) with seeded random
+    weights in the port's layout (speed does not depend on the values); one call first to compile
+    (`compile_s`, not counted), then `--repeats` timed calls, each waited for with `block_until_ready`;
+    clips/s = B x repeats / time.
     float32 runs at Precision.HIGHEST, bfloat16 at the default precision (the `--dtype` choices of `extract`).
   * `tvl1_frames_per_s`: OpenCV's `DualTVL1OpticalFlow` (default parameters, as `extract` uses it) on
     `--flow-pairs` pairs of 224 x 224 grayscale frames (smoothed noise shifted by 2 px, so the solver works
@@ -41,28 +42,27 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_network(stream: str, dtype: str, args: argparse.Namespace) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from cltdr_jax.video.i3d import I3D, STREAM_CHANNELS, i3d_params_from_torch, random_torch_weights
-    from cltdr_jax.xla_options import compiler_options
+    from cltdr_jax.video.extract import ExtractOptions, I3DFeatures
+    from cltdr_jax.video.i3d import STREAM_CHANNELS, i3d_params_from_torch, random_torch_weights
 
     channels = STREAM_CHANNELS[stream]
-    variables = jax.device_put(i3d_params_from_torch(random_torch_weights(channels, seed=channels)))
-    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
-    model = I3D(in_channels=channels, dtype=compute, precision=precision)
-    # The compiler options `cltdr extract` compiles with (video/extract.py), so the figures are its own.
-    fn = jax.jit(lambda v, x: model.apply(v, x, method=I3D.clip_features), compiler_options=compiler_options())
+    variables = i3d_params_from_torch(random_torch_weights(channels, seed=channels))
+    # `cltdr extract`'s own network: its dtype / precision rule, compiler options and input scaling.
+    network = I3DFeatures.from_variables({stream: variables}, ExtractOptions(streams=(stream,), dtype=dtype))
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.window, args.size, args.size, channels)), jnp.float32)
+    shape = (args.batch, args.window, args.size, args.size, channels)
+    # What extract feeds each stream: RGB frames as uint8 (scaled on the device), flow as float32 in [-1, 1].
+    x = rng.integers(0, 256, shape, np.uint8) if stream == "rgb" else rng.uniform(-1, 1, shape).astype(np.float32)
+    batch = {stream: jnp.asarray(x)}
     t0 = time.perf_counter()
-    fn(variables, x).block_until_ready()
+    network(batch).block_until_ready()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.repeats):
-        fn(variables, x).block_until_ready()
+        network(batch).block_until_ready()
     elapsed = time.perf_counter() - t0
     return {
         "clips_per_s": round(args.batch * args.repeats / elapsed, 3),

@@ -16,7 +16,7 @@ from conftest import TINY_OVERRIDES
 from cltdr_jax.cli import main
 from cltdr_jax.video.extract import ExtractOptions, I3DFeatures, extract_videos, num_windows
 from cltdr_jax.video.frames import TVL1, FrameProtocol, frame_inputs, resampled_frames
-from cltdr_jax.video.i3d import random_torch_weights
+from cltdr_jax.video.i3d import i3d_params_from_torch, random_torch_weights
 
 # Third-party decoders: skipped in a plain clone, installed by the `dev` extra in CI.
 av = pytest.importorskip("av", reason="needs PyAV (pip install cltdr-jax[video])")
@@ -184,6 +184,22 @@ def test_i3d_programs_get_our_compiler_options(weights, monkeypatch):
     x = jax.ShapeDtypeStruct((1, 16, 64, 64, 3), jnp.uint8)
     text = network._fns["rgb"].lower(network.variables["rgb"], x).compile().as_text()
     assert "fusion" in text and "__ynn_fusion" not in text
+
+
+def test_network_from_weights_in_memory_equals_the_one_from_files(weights):
+    """I3DFeatures.from_variables (the benchmark's) builds what the file constructor builds: same features."""
+    options = ExtractOptions(FrameProtocol(resize=72, size=64), window=16, stride=4, streams=("rgb", "flow"))
+    from_files = I3DFeatures(weights, options)
+    in_memory = {s: i3d_params_from_torch(dict(np.load(weights[s]))) for s in options.streams}
+    from_variables = I3DFeatures.from_variables(in_memory, options)
+    rng = np.random.default_rng(0)
+    batch = {
+        "rgb": rng.integers(0, 256, (2, 16, 64, 64, 3), np.uint8),
+        "flow": rng.uniform(-1, 1, (2, 16, 64, 64, 2)).astype(np.float32),
+    }
+    expected = np.asarray(from_files(batch))
+    assert expected.shape == (2, 2048) and expected.std() > 0
+    np.testing.assert_array_equal(np.asarray(from_variables(batch)), expected)
 
 
 def test_extract_one_stream_and_bfloat16(videos, weights, tmp_path, capsys):

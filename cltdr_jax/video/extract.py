@@ -29,7 +29,7 @@ import numpy as np
 
 from cltdr_jax.errors import DataError
 from cltdr_jax.video.frames import FrameProtocol, frame_inputs, probe
-from cltdr_jax.video.i3d import FEATURE_DIM, I3D, load_i3d_weights
+from cltdr_jax.video.i3d import FEATURE_DIM, I3D, i3d_of, load_i3d_weights
 from cltdr_jax.xla_options import compiler_options
 
 STREAMS = ("rgb", "flow")
@@ -83,17 +83,29 @@ class I3DFeatures:
 
     def __init__(self, weights: dict[str, str | Path], options: ExtractOptions):
         """weights: {stream: the port's .pt (or .npz) file} for every stream of `options.streams`."""
+        variables = {}
+        for stream in options.streams:
+            if stream not in weights or weights[stream] is None:
+                raise DataError(f"the {stream} stream needs its I3D weights (--{stream}-weights FILE)")
+            variables[stream] = load_i3d_weights(weights[stream], stream)[1]
+        self._compile_streams(variables, options)
+
+    @classmethod
+    def from_variables(cls, variables: dict[str, Any], options: ExtractOptions) -> I3DFeatures:
+        """From weights already in memory, {stream: I3D variables} (benchmarks and tests without the files)."""
+        network = cls.__new__(cls)
+        network._compile_streams(variables, options)
+        return network
+
+    def _compile_streams(self, variables: dict[str, Any], options: ExtractOptions) -> None:
         self.options = options
         dtype = jnp.bfloat16 if options.dtype == "bfloat16" else jnp.float32
         # HIGHEST keeps float32 float32 on GPUs (no TF32); bfloat16 is the fast, approximate choice.
         precision = jax.lax.Precision.HIGHEST if options.dtype == "float32" else None
         self.variables, self._fns = {}, {}
         for stream in options.streams:
-            if stream not in weights or weights[stream] is None:
-                raise DataError(f"the {stream} stream needs its I3D weights (--{stream}-weights FILE)")
-            model, variables = load_i3d_weights(weights[stream], stream)
-            model = I3D(model.in_channels, model.num_classes, dtype=dtype, precision=precision)
-            self.variables[stream] = jax.device_put(variables)
+            model = i3d_of(variables[stream], dtype=dtype, precision=precision)
+            self.variables[stream] = jax.device_put(variables[stream])
             self._fns[stream] = jax.jit(self._clip_fn(model, stream), compiler_options=compiler_options())
 
     @staticmethod

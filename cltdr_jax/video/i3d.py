@@ -357,5 +357,15 @@ def load_i3d_weights(path: str | Path, stream: str) -> tuple[I3D, dict[str, Any]
             f"{path}: these are {other} I3D weights (Conv3d_1a_7x7 takes {channels} input channels) but the "
             f"{stream} stream needs {STREAM_CHANNELS[stream]}: were the rgb and flow weight files swapped?"
         )
-    num_classes = variables["params"]["logits"]["conv3d"]["kernel"].shape[-1]
-    return I3D(in_channels=channels, num_classes=num_classes), variables
+    return i3d_of(variables), variables
+
+
+def i3d_of(variables: dict[str, Any], **attributes: Any) -> I3D:
+    """The I3D module `variables` are for: input channels and classes read from their shapes (plus any other
+    module attributes, e.g. dtype and precision)."""
+    params = variables["params"]
+    return I3D(
+        in_channels=params["Conv3d_1a_7x7"]["conv3d"]["kernel"].shape[3],
+        num_classes=params["logits"]["conv3d"]["kernel"].shape[-1],
+        **attributes,
+    )
