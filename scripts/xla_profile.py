@@ -11,18 +11,23 @@ Runs the program under `jax.profiler` and sums the device time of every HLO inst
   * pass: `backward` when the metadata's op name is inside JAX's `transpose(...)` (the VJP), else `forward`
     (the optimizer and EMA count as forward: they follow the backward pass in the same program).
 
-Used by scripts/benchmark_train.py (`--profile`). Times are summed over the instructions, so concurrent
-instructions (GPU streams, CPU thread pools running several thunks) can add up to more than the wall time.
+Used by scripts/benchmark_train.py (`--profile`). An instruction's time runs from its start to its end,
+also where the CPU runtime finishes it asynchronously on its thread pool (an "end: <instruction>" event;
+counting the launch alone left about a fifth of the demo's step unattributed). Times are summed over the
+instructions, so concurrent instructions (GPU streams, CPU thread pools running several thunks) can add
+up to more than the wall time.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
 import json
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,6 +126,16 @@ def classify(hlo_text: str, depth: int = 2) -> dict[str, tuple[str, str, str, st
     return out
 
 
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by [start, end) intervals."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered
+
+
 def op_breakdown(
     compiled: Any, run: Callable[[], Any], repeats: int = 2, top: int = 25, depth: int = 2
 ) -> dict[str, Any]:
@@ -129,8 +144,10 @@ def op_breakdown(
     kinds = classify(compiled.as_text(), depth)
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
+        wall = time.perf_counter()
         for _ in range(repeats):
             jax.block_until_ready(run())
+        wall = time.perf_counter() - wall
         jax.profiler.stop_trace()
         files = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
         events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
@@ -138,11 +155,27 @@ def op_breakdown(
     by_scope: dict[str, float] = collections.Counter()
     by_instruction: dict[str, float] = collections.Counter()
     unmatched = 0.0
+    intervals = []
+    # XLA's CPU runtime runs dots, reductions and some fusions asynchronously on its thread pool: the
+    # instruction's event covers only its launch, an "end: <instruction>" event marks its completion.
+    ends: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name", "").startswith("end: "):
+            ends[e["name"][5:]].append(e["ts"])
+    for times in ends.values():
+        times.sort()
     for e in events:
         op = (e.get("args") or {}).get("hlo_op")
         if e.get("ph") != "X" or not op:
             continue
-        seconds = e.get("dur", 0) / 1e6 / repeats
+        start = e.get("ts", 0)
+        end = start + e.get("dur", 0)
+        later = ends.get(op, [])
+        i = bisect.bisect_left(later, start)
+        if i < len(later):
+            end = max(end, later[i])
+        intervals.append((start, end))
+        seconds = (end - start) / 1e6 / repeats
         if op in kinds:
             kind, direction, where, _ = kinds[op]
             totals[f"{direction}/{kind}"] += seconds
@@ -159,5 +192,11 @@ def op_breakdown(
         # The single instructions that cost most: "name kind pass scope shape" -> seconds.
         "top_instructions_s": {" ".join((op, *kinds[op])): round(v, 4) for op, v in by_instruction.most_common(top)},
         "instructions_total_s": round(total, 4),
+        # Per call: instructions run, the time at least one runs (their union: against the total it shows
+        # how much runs side by side), and the call's wall time under the profiler; wall - busy is the
+        # time no instruction runs (the runtime's own work, the host's dispatch).
+        "instructions_per_call": round(len(intervals) / repeats),
+        "busy_s": round(_union(intervals) / 1e6 / repeats, 4),
+        "wall_s": round(wall / repeats, 4),
         "unclassified_s": round(unmatched, 4),
     }

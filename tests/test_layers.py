@@ -220,3 +220,41 @@ def test_drop_path_drops_whole_samples_and_rescales():
     assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
     assert 0.65 < (per_sample[:, 0] > 0).mean() < 0.85  # keep probability 0.75
     np.testing.assert_array_equal(layer.apply({}, x, True), x)  # identity at inference
+
+
+@pytest.mark.parametrize("head", ["classifier", "refine", "centre_offset"])
+def test_heads_on_packed_levels_equal_each_level_alone(head):
+    """The heads run once on all levels packed along time; a level alone (nothing packed, no gap) is the
+    reference's per-level computation. Padded rows inside each level make LayerNorm's bias reach the next
+    conv there (kept) while the gaps between levels must stay zero; kernel 7 reaches 3 rows across."""
+    from cltdr_jax.model.decoder import ClassifierHead, RefineHead
+    from cltdr_jax.model.trident import CentreOffsetHead
+
+    rng = np.random.default_rng(0)
+    lengths, valid = (16, 8, 4, 2), (11, 6, 3, 2)
+    feats = [jnp.asarray(rng.standard_normal((2, t, 8)), jnp.float32) for t in lengths]
+    masks = [
+        jnp.asarray(np.arange(t)[None, :] < np.array([[v], [t]]), bool) for t, v in zip(lengths, valid, strict=True)
+    ]
+    module = {
+        "classifier": ClassifierHead(8, 5, 3, 2, True, 0.01, precision="highest"),
+        "refine": RefineHead(8, 5, 3, 2, True, len(lengths), precision="highest"),
+        "centre_offset": CentreOffsetHead(8, 4, 3, 2, True, precision="highest"),
+    }[head]
+    variables = module.init(jax.random.key(0), feats, masks)
+    # Non-trivial norm biases and per-level scales, so that every packed quantity matters.
+    variables = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), variables)
+    packed = module.apply(variables, feats, masks)
+    outputs = packed if head == "refine" else (packed,)
+    for l in range(len(lengths)):
+        alone_vars = variables
+        if head == "centre_offset":  # level l alone is "level 0" of a one-level call: its own scale
+            params = dict(variables["params"])
+            params["scale_0"] = variables["params"][f"scale_{l}"]
+            alone_vars = {"params": {k: v for k, v in params.items() if not k.startswith("scale_") or k == "scale_0"}}
+        alone = module.apply(alone_vars, [feats[l]], [masks[l]])
+        alone = alone if head == "refine" else (alone,)
+        for got, want in zip(outputs, alone, strict=True):
+            assert got[l].shape == want[0].shape
+            np.testing.assert_allclose(got[l], want[0], rtol=1e-6, atol=1e-6)
+            assert np.abs(want[0]).max() > 0.1
