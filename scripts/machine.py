@@ -16,9 +16,15 @@ def machine() -> dict:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    def field(name: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith(name)), "")
+
+    model = field("model name")
     return {
         "cpu": model or platform.processor() or platform.machine(),
+        # Where the model name is only "AMD EPYC": family 25 model 1 is Zen 3 (Milan), 17 Zen 4 (Genoa).
+        "cpu_family_model": f"{field('cpu family')}/{field('model')}",
+        "avx512f": "avx512f" in cpuinfo,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "amx": "amx_bf16" in cpuinfo,
         "avx512_bf16": "avx512_bf16" in cpuinfo,
