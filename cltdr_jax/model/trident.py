@@ -146,9 +146,9 @@ def packed_rows(lengths: Sequence[int], strides: Sequence[int]) -> PackedRows:
 def _window_distributions(
     start_logits: Array, end_logits: Array, reg_offsets: Array, rows: PackedRows, num_bins: int
 ) -> tuple[Array, Array]:
-    """`boundary_distributions` with the bins on axis 1, `[B, nb + 1, N, C]`: each bin's window is then a
-    contiguous slab, which XLA's CPU backend stacks, reduces and differentiates 2-3x faster than bins
-    interleaved along the last axis."""
+    """`boundary_distributions` with the bins on axis 1, `[B, nb + 1, N, C]`, as the decoder computes it:
+    each bin's window is then a contiguous slab, which XLA's CPU backend stacks, reduces and differentiates
+    faster than bins interleaved along the last axis (forward + backward at the demo's size: 9 -> 6 ms)."""
     nb = num_bins
     n = start_logits.shape[1]
     start = jnp.pad(start_logits, ((0, 0), (nb, 0), (0, 0)))
