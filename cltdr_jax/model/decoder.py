@@ -99,42 +99,39 @@ class PackedLevels(NamedTuple):
     """Per-level maps laid end to end along time, `gap` zero rows between levels: a convolution with a
     kernel of up to 2 gap + 1 taps then reads zeros past each level's ends, exactly as on the level alone.
 
-    `x` [B, N, C], `mask` [B, N] (False in the gaps), `in_level` [N] (numpy, False in the gaps).
+    `x` [B, N, C], `mask` [B, N] (False in the gaps), `level` [N] (numpy: each row's level, -1 in the gaps).
     """
 
     x: Array
     mask: Array
-    in_level: np.ndarray
-    lengths: tuple[int, ...]
+    level: np.ndarray
     gap: int
 
     @classmethod
     def pack(cls, feats: list[Array], masks: list[Array], gap: int) -> PackedLevels:
-        lengths = tuple(f.shape[1] for f in feats)
-        xs, ms, rows = [], [], []
+        xs, ms, levels = [], [], []
         for l, (f, m) in enumerate(zip(feats, masks, strict=True)):
             xs.append(f)
             ms.append(m)
-            rows.append(np.ones(f.shape[1], bool))
+            levels.append(np.full(f.shape[1], l))
             if l + 1 < len(feats) and gap:
                 xs.append(jnp.zeros((f.shape[0], gap, f.shape[2]), f.dtype))
                 ms.append(jnp.zeros((m.shape[0], gap), m.dtype))
-                rows.append(np.zeros(gap, bool))
-        return cls(jnp.concatenate(xs, axis=1), jnp.concatenate(ms, axis=1), np.concatenate(rows), lengths, gap)
+                levels.append(np.full(gap, -1))
+        return cls(jnp.concatenate(xs, axis=1), jnp.concatenate(ms, axis=1), np.concatenate(levels), gap)
+
+    @property
+    def in_level(self) -> np.ndarray:
+        return self.level >= 0
 
     def per_row(self, values: list[Array]) -> Array:
-        """One scalar per level -> `[N]`, each level's rows (and the gap after it) holding its value."""
-        return jnp.concatenate(
-            [
-                jnp.full((t + (self.gap if l + 1 < len(self.lengths) else 0),), v)
-                for l, (t, v) in enumerate(zip(self.lengths, values, strict=True))
-            ]
-        )
+        """One scalar per level -> `[N]`, each level's rows holding its value (the gaps: level 0's)."""
+        return jnp.stack(values)[np.maximum(self.level, 0)]
 
     def unpack(self, y: Array) -> list[Array]:
         """`[B, N, ...]` -> the per-level list `[B, T_l, ...]`."""
         out, start = [], 0
-        for t in self.lengths:
+        for t in np.bincount(self.level[self.in_level]):
             out.append(y[:, start : start + t])
             start += t + self.gap
         return out
@@ -167,7 +164,7 @@ class HeadTrunk(nn.Module):
             )(x, mask)
             if self.with_ln:
                 x = ChannelLayerNorm(name=f"norm_{j}")(x)
-            x = jnp.where(in_level, jax.nn.relu(x), 0).astype(x.dtype)
+            x = jnp.where(in_level, jax.nn.relu(x), 0)
         return x
 
 
@@ -230,9 +227,10 @@ class RefineHead(nn.Module):
             self.param(f"scale_{l}", constant(1.0), ())
         c = {"dtype": self.dtype, "precision": self.precision}
         trunk = HeadTrunk(self.head_dim, self.kernel_size, self.num_layers, self.with_ln, **c, name="trunk")
-        start = MaskedConv1D(self.num_classes, 7, **c, name="s_offset_head")
-        end = MaskedConv1D(self.num_classes, 7, **c, name="e_offset_head")
+        offset_kernel = 7
+        start = MaskedConv1D(self.num_classes, offset_kernel, **c, name="s_offset_head")
+        end = MaskedConv1D(self.num_classes, offset_kernel, **c, name="e_offset_head")
         prob = MaskedConv1D(self.num_classes, self.kernel_size, **c, name="prob_head")
-        packed = PackedLevels.pack(feats, masks, max(7, self.kernel_size) // 2)
+        packed = PackedLevels.pack(feats, masks, max(offset_kernel, self.kernel_size) // 2)
         h, m = trunk(packed), packed.mask
         return packed.unpack(start(h, m)), packed.unpack(end(h, m)), packed.unpack(prob(h, m))
