@@ -299,6 +299,36 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
 
 
+def test_a_non_finite_step_returns_the_state_it_was_given(tiny_dataset):
+    """The step skips its update when the loss or the gradient is not finite (the host then stops): every
+    array of the state, step counter and random key included, comes back bit for bit; a finite step
+    updates them."""
+    from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step, training_model
+
+    cfg = tiny_cfg(tiny_dataset)
+    batches = TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)
+    model = training_model(cfg)
+    tx, schedule = make_optimizer(cfg, batches.steps_per_epoch)
+    step, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
+    state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
+    before = jax.device_get(state)  # the step donates its input
+    poisoned = batches(0)
+    poisoned["feats"][0, 3, 1] = np.inf
+    state, metrics = step(state, jax.device_put(poisoned, data))
+    assert not np.isfinite(jax.device_get(metrics["final_loss"]))
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after), strict=True):
+        np.testing.assert_array_equal(b, a)
+    state, metrics = step(state, jax.device_put(batches(0), data))
+    assert np.isfinite(jax.device_get(metrics["final_loss"]))
+    updated = jax.device_get(state)
+    assert int(updated.step) == int(before.step) + 1
+    assert not np.array_equal(updated.rng, before.rng)
+    # Step 0's learning rate is 0 (the warm-up's first step), so the parameters stay; Adam's moments move.
+    moments = zip(jax.tree_util.tree_leaves(before.opt_state), jax.tree_util.tree_leaves(updated.opt_state))
+    assert sum(not np.array_equal(a, b) for a, b in moments) > len(jax.tree_util.tree_leaves(before.params))
+
+
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_state_and_close_losses(tiny_dataset):
     from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step, training_model
