@@ -325,7 +325,9 @@ def test_a_non_finite_step_returns_the_state_it_was_given(tiny_dataset):
     assert int(updated.step) == int(before.step) + 1
     assert not np.array_equal(updated.rng, before.rng)
     # Step 0's learning rate is 0 (the warm-up's first step), so the parameters stay; Adam's moments move.
-    moments = zip(jax.tree_util.tree_leaves(before.opt_state), jax.tree_util.tree_leaves(updated.opt_state))
+    moments = zip(
+        jax.tree_util.tree_leaves(before.opt_state), jax.tree_util.tree_leaves(updated.opt_state), strict=True
+    )
     assert sum(not np.array_equal(a, b) for a, b in moments) > len(jax.tree_util.tree_leaves(before.params))
 
 
