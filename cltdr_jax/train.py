@@ -185,8 +185,8 @@ def make_train_step(cfg: Config, model: CLTDRGMG, tx: optax.GradientTransformati
             )
 
         # A non-finite step keeps the old state: the host sees the NaN in the metrics and stops. A branch,
-        # not a select per array: selecting re-reads and rewrites the whole state (~75 ms of the THUMOS
-        # step on 2 CPU cores), the branch costs nothing when the step is finite.
+        # not a select per array: selecting re-reads and rewrites the whole state (~75 ms at the THUMOS
+        # size on 2 CPU cores, measured alone); the branch costs nothing when the step is finite.
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.lax.cond(ok, updated, lambda: state)
         metrics = {**losses, "grad_norm": grad_norm, "lr": schedule(state.step)}
