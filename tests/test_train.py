@@ -299,18 +299,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_pat
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored))
 
 
-def test_a_non_finite_step_returns_the_state_it_was_given(tiny_dataset):
-    """The step skips its update when the loss or the gradient is not finite (the host then stops): every
-    array of the state, step counter and random key included, comes back bit for bit; a finite step
-    updates them."""
+def compiled_step(cfg):
+    """`cltdr train`'s pieces on one device for `cfg`: the model, the compiled step, the initial state, the
+    run's batches (seed 5) and the batches' sharding."""
     from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step, training_model
 
-    cfg = tiny_cfg(tiny_dataset)
     batches = TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)
     model = training_model(cfg)
     tx, schedule = make_optimizer(cfg, batches.steps_per_epoch)
     step, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
-    state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
+    return model, step, jax.device_put(init_state(cfg, model, tx, 0), replicated), batches, data
+
+
+def test_a_non_finite_step_returns_the_state_it_was_given(tiny_dataset):
+    """The step skips its update when the loss or the gradient is not finite (the host then stops): every
+    array of the state, step counter and random key included, comes back bit for bit; a finite step
+    updates them."""
+    _, step, state, batches, data = compiled_step(tiny_cfg(tiny_dataset))
     before = jax.device_get(state)  # the step donates its input
     poisoned = batches(0)
     poisoned["feats"][0, 3, 1] = np.inf
@@ -333,17 +338,11 @@ def test_a_non_finite_step_returns_the_state_it_was_given(tiny_dataset):
 
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_state_and_close_losses(tiny_dataset):
-    from cltdr_jax.train import compile_train_step, init_state, make_mesh, make_train_step, training_model
-
     results = {}
     for dtype in ("float32", "bfloat16"):
         cfg = tiny_cfg(tiny_dataset, f"trainer.compute_dtype={dtype}", "model.input_noise=0")
-        batches = TrainBatches(cfg, VideoDataset(cfg, cfg.train_split, training=True), seed=5)
-        model = training_model(cfg)
+        model, step, state, batches, data = compiled_step(cfg)
         assert model.dtype == (jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        tx, schedule = make_optimizer(cfg, batches.steps_per_epoch)
-        step, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
-        state = jax.device_put(init_state(cfg, model, tx, 0), replicated)
         for i in range(2):
             state, metrics = step(state, jax.device_put(batches(i), data))
         results[dtype] = (state, jax.device_get(metrics))
