@@ -4,12 +4,15 @@
     python scripts/benchmark_train.py [--steps 5] [--config configs/thumos_i3d_focalloss.yaml]
     python scripts/benchmark_train.py --variants float32:highest,float32:default,bfloat16:default
     python scripts/benchmark_train.py --variants float32,float32+xla-defaults,float32,float32+xla-defaults
+    python scripts/benchmark_train.py --variants float32 --slots 64 --set dataset.max_seq_len=512 ...
 
 Prints one JSON object: per variant (compute dtype : matmul precision) the compile time, median step time,
 steps/s, peak resident memory of a process that does only that (and its peak after compiling), XLA's FLOP
 count of one step and the achieved FLOP/s as a fraction of a dense matmul measured in the same run. Each
 dtype runs in its own process so that peak memory is its own; a variant ending in "+xla-defaults" compiles
 with XLA's default options instead of ours (cltdr_jax/xla_options.py), to measure what they are worth.
+`--slots N`: ground-truth segment slots per video (default 16; `cltdr train` pads to the most any training
+video has, rounded up to a power of 2, and the target assignment grows with it).
 `--profile` adds the step time by operation kind, by model part and the costliest instructions from XLA's
 profile (CLTDR_PROFILE_DEPTH=N: N module names per part, default 2; CLTDR_PROFILE_TOP=N: how many, default 25).
 Not a test: timings on shared machines are noisy; compare ratios of one run.
@@ -63,9 +66,12 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...] = (), profile: bool = False) -> dict:
+def run_variant(
+    config: str, variant: str, steps: int, overrides: tuple[str, ...] = (), profile: bool = False, slots: int = 16
+) -> dict:
     """One training-step measurement; `variant` is "dtype" or "dtype:precision"; `profile`: also the step
-    time by operation kind, from XLA's profile (scripts/xla_profile.py)."""
+    time by operation kind, from XLA's profile (scripts/xla_profile.py); `slots`: ground-truth segment slots
+    per video (`cltdr train` pads to the most any training video has, rounded up to a power of 2)."""
     import jax
     import numpy as np
 
@@ -92,13 +98,13 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
     step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
     state = create_state(cfg, model, tx, 0, replicated)
     rng = np.random.default_rng(0)
-    starts = rng.uniform(0, t - 200, (b, 16))
+    starts = rng.uniform(0, t - 200, (b, slots))
     batch = {
         "feats": rng.standard_normal((b, t, d)).astype(np.float32),
         "mask": np.ones((b, t), bool),
-        "segments": np.stack([starts, starts + rng.uniform(5, 150, (b, 16))], -1).astype(np.float32),
-        "labels": rng.integers(0, cfg.dataset.num_classes, (b, 16)).astype(np.int32),
-        "segment_mask": np.ones((b, 16), bool),
+        "segments": np.stack([starts, starts + rng.uniform(5, 150, (b, slots))], -1).astype(np.float32),
+        "labels": rng.integers(0, cfg.dataset.num_classes, (b, slots)).astype(np.int32),
+        "segment_mask": np.ones((b, slots), bool),
     }
     batch = jax.device_put(batch, data)
     t0 = time.perf_counter()
@@ -144,6 +150,7 @@ def run_variant(config: str, variant: str, steps: int, overrides: tuple[str, ...
         "peak_device_gb": round(peak / 2**30, 2) if peak else None,
         "params": count_params(state.params),
         "batch": [b, t, d],
+        "segment_slots": slots,
         "compile_s": round(compile_s, 2),
         "step_s_median": round(step_s, 3),
         "step_s_all": [round(x, 3) for x in times],
@@ -181,14 +188,17 @@ def main() -> None:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--profile", action="store_true", help="also the step time by operation kind (XLA profile)")
+    parser.add_argument("--slots", type=int, default=16, help="ground-truth segment slots per video (default 16)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.config, args.variant, args.steps, tuple(args.overrides), args.profile)))
+        result = run_variant(args.config, args.variant, args.steps, tuple(args.overrides), args.profile, args.slots)
+        print(json.dumps(result))
         return
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--config", args.config, "--steps", str(args.steps), "--variant", variant]
+        cmd += ["--slots", str(args.slots)]
         cmd += [f"--set={o}" for o in args.overrides] + (["--profile"] if args.profile else [])
         env = dict(os.environ, **({DEFAULTS_ENV: "1"} if variant.endswith(XLA_DEFAULTS) else {}))
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
