@@ -11,8 +11,8 @@ steps/s, peak resident memory of a process that does only that (and its peak aft
 count of one step and the achieved FLOP/s as a fraction of a dense matmul measured in the same run. Each
 dtype runs in its own process so that peak memory is its own; a variant ending in "+xla-defaults" compiles
 with XLA's default options instead of ours (cltdr_jax/xla_options.py), to measure what they are worth.
-`--slots N`: ground-truth segment slots per video (default 16; `cltdr train` pads to the most any training
-video has, rounded up to a power of 2, and the target assignment grows with it).
+`--slots N`: ground-truth segment slots per video (default 16; `cltdr train` uses
+`input_pipeline.segment_slots` of its training set, and the target assignment grows with it).
 `--profile` adds the step time by operation kind, by model part and the costliest instructions from XLA's
 profile (CLTDR_PROFILE_DEPTH=N: N module names per part, default 2; CLTDR_PROFILE_TOP=N: how many, default 25).
 Not a test: timings on shared machines are noisy; compare ratios of one run.
@@ -71,7 +71,7 @@ def run_variant(
 ) -> dict:
     """One training-step measurement; `variant` is "dtype" or "dtype:precision"; `profile`: also the step
     time by operation kind, from XLA's profile (scripts/xla_profile.py); `slots`: ground-truth segment slots
-    per video (`cltdr train` pads to the most any training video has, rounded up to a power of 2)."""
+    per video (`cltdr train` uses `input_pipeline.segment_slots` of its training set)."""
     import jax
     import numpy as np
 
