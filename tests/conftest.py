@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 TEST_DATA = REPO / "tests" / "data"
+
+# Under pytest-xdist (scripts/test.sh) each worker gets its own persistent XLA cache: JAX writes a cache
+# entry in place, so a worker could read another's half-written program.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("CLTDR_XLA_CACHE"):
+    os.environ["CLTDR_XLA_CACHE"] = str(Path(os.environ["CLTDR_XLA_CACHE"]) / os.environ["PYTEST_XDIST_WORKER"])
 
 
 @pytest.fixture(scope="session")
