@@ -17,9 +17,5 @@ fi
 "$VENV/bin/ruff" format --check cltdr_jax tests scripts
 # Two worker processes, one test file each at a time (a file's session fixtures are built once): most of a
 # test's time is XLA compiling, one thread per program, so two at once use both cores. CLTDR_TEST_WORKERS=0
-# runs in this process; a -n given on the command line wins.
-workers="${CLTDR_TEST_WORKERS:-2}"
-if [ "$workers" = "0" ]; then
-  exec "$VENV/bin/python" -m pytest -q "$@"
-fi
-exec "$VENV/bin/python" -m pytest -q -n "$workers" --dist loadfile "$@"
+# (xdist's -n 0) runs in this process; a -n given on the command line wins.
+exec "$VENV/bin/python" -m pytest -q -n "${CLTDR_TEST_WORKERS:-2}" --dist loadfile "$@"
