@@ -108,7 +108,7 @@ class Predictor:
         # The network + decoding, forward(params, feats, mask) -> (scores, left, right): traceable, what
         # `cltdr export` serializes; `_jitted` compiles it here (compiler options only go on a top-level jit).
         self.forward = forward
-        self._jitted = jax.jit(forward, compiler_options=compiler_options())
+        self._jitted = jax.jit(forward, compiler_options=compiler_options(compute_dtype=cfg.inference.dtype))
         self._executables: dict[tuple[int, int], Any] = {}
         self.padded_lengths: set[int] = set()
         self.compile_seconds: dict[int, float] = {}  # padded length -> seconds spent lowering and compiling

@@ -218,7 +218,7 @@ def compile_train_step(cfg: Config, train_step, mesh: jax.sharding.Mesh):
             # The state is donated (updated in place). The batch is not: no output has its shapes, so XLA could
             # not reuse its buffers (JAX warns and ignores such a donation); it is freed when the next arrives.
             donate_argnums=0,
-            compiler_options=compiler_options(),
+            compiler_options=compiler_options(compute_dtype=cfg.trainer.compute_dtype),
         ),
         replicated,
         data,

@@ -1,12 +1,17 @@
 """Compiler options for the programs we compile (`jax.jit(..., compiler_options=xla_options.compiler_options())`).
 
 On the CPU, XLA (jaxlib 0.10) hands dots, reductions and elementwise chains to YNNPACK fusions by default. For
-this model that costs memory and time: with them off, the THUMOS train step (batch 2 x 2304) needs 1.19 GB of
-XLA temporaries instead of 1.95 (peak RSS 2.8 GB instead of 3.5) and ran 2-20 % faster in float32 and in
-bfloat16 over the day's runs (AMD EPYC Zen 4, 2026-12-03; scripts/results/xla_options_ab_2026-12-03_epyc.json,
-README); the inference network and the demo's small train step did not change measurably. Measure again
-with `scripts/benchmark_train.py --variants float32,float32+xla-defaults`. A user's own XLA_FLAGS setting of
-the option wins, CLTDR_XLA_DEFAULTS=1 keeps all of XLA's defaults, and on other backends nothing is set.
+this model in float32 that costs memory and time: with them off, the THUMOS train step (batch 2 x 2304) needs
+1.19 GB of XLA temporaries instead of 1.95 (peak RSS 2.8 GB instead of 3.5) and ran 2-20 % faster over the
+day's runs (AMD EPYC Zen 4, 2026-12-03; scripts/results/xla_options_ab_2026-12-03_epyc.json, README); the
+inference network and the demo's small train step did not change measurably. In bfloat16 the dots are the
+exception: XLA's own dot has no bfloat16 kernel (it converts both operands to float32 and multiplies at the
+float32 rate, or below), YNNPACK's uses the CPU's bfloat16 units (AVX-512 BF16: 1.4-1.7x the float32 rate);
+so a low-precision program keeps YNNPACK for its dots only (the THUMOS bfloat16 train step: 4.25 s instead
+of 6.0 s, 1.05 GB of temporaries instead of 1.97 with every YNNPACK fusion; AMD EPYC Zen 4, 2026-12-06).
+Measure again with `scripts/benchmark_train.py --variants float32,float32+xla-defaults`. A user's own
+XLA_FLAGS setting of the option wins, CLTDR_XLA_DEFAULTS=1 keeps all of XLA's defaults, and on other backends
+nothing is set.
 """
 
 from __future__ import annotations
@@ -15,15 +20,22 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-_CPU = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "": no YNNPACK fusions; XLA's own dots and loops
+YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+_CPU = {YNN_FUSIONS: ""}  # "": no YNNPACK fusions; XLA's own dots and loops
+# Low precision: YNNPACK's dots (both kinds: a dot alone, and a dot with what XLA fuses into it), nothing else.
+_CPU_LOW_PRECISION = {YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 DEFAULTS_ENV = "CLTDR_XLA_DEFAULTS"
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
-    """The options for `backend` (default: JAX's default backend), or None where we keep XLA's defaults."""
+def compiler_options(backend: str | None = None, compute_dtype: Any = None) -> dict[str, Any] | None:
+    """The options for a program computing in `compute_dtype` (None: float32) on `backend` (default: JAX's
+    default backend), or None where we keep XLA's defaults."""
     if os.environ.get(DEFAULTS_ENV) == "1" or (backend or jax.default_backend()) != "cpu":
         return None
+    low_precision = compute_dtype is not None and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
     flags = os.environ.get("XLA_FLAGS", "")
-    options = {k: v for k, v in _CPU.items() if f"--{k}" not in flags}
+    chosen = _CPU_LOW_PRECISION if low_precision else _CPU
+    options = {k: v for k, v in chosen.items() if f"--{k}" not in flags}
     return options or None

@@ -30,25 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine
+from machine import machine, matmul_roof_gflops
 
 REPO = Path(__file__).resolve().parents[1]
 XLA_DEFAULTS = "+xla-defaults"  # a variant's suffix: compile with XLA's default options (xla_options.DEFAULTS_ENV)
-
-
-def matmul_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def flops_of(compiled) -> float:
@@ -141,12 +126,12 @@ def run_variant(
             depth=int(os.environ.get("CLTDR_PROFILE_DEPTH", 2)),
             top=int(os.environ.get("CLTDR_PROFILE_TOP", 25)),
         )
-    roof = matmul_gflops("float32" if dtype == "float32" else "bfloat16")
+    roof = matmul_roof_gflops("float32" if dtype == "float32" else "bfloat16")["gflops"]
     peak = peak_device_bytes()
     return {
         "compute_dtype": dtype,
         "precision": cfg.trainer.precision,
-        "xla_options": compiler_options(),
+        "xla_options": compiler_options(compute_dtype=dtype),
         "peak_device_gb": round(peak / 2**30, 2) if peak else None,
         "params": count_params(state.params),
         "batch": [b, t, d],

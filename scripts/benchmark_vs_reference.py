@@ -50,17 +50,12 @@ def run_json(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def roofs() -> dict:
+    """The float32 and bfloat16 matmul roofs of this run (machine.matmul_roof_gflops), in a child process."""
     code = (
-        "import json,statistics,time,jax,jax.numpy as jnp\n"
-        "def rate(dt):\n"
-        "    a=jax.random.normal(jax.random.key(0),(2048,2048)).astype(dt)\n"
-        "    f=jax.jit(lambda x,y: jnp.dot(x,y,preferred_element_type=jnp.float32)); f(a,a).block_until_ready()\n"
-        "    ts=[]\n"
-        "    for _ in range(7):\n"
-        "        t=time.perf_counter(); f(a,a).block_until_ready(); ts.append(time.perf_counter()-t)\n"
-        "    return 2*2048**3/statistics.median(ts)/1e9\n"
-        "print(json.dumps({'float32_matmul_gflops': round(rate(jnp.float32),1),"
-        " 'bfloat16_dot_gflops': round(rate(jnp.bfloat16),1)}))\n"
+        f"import json,sys; sys.path.insert(0,{str(Path(__file__).parent)!r}); from machine import matmul_roof_gflops\n"
+        "f,b=matmul_roof_gflops('float32'),matmul_roof_gflops('bfloat16')\n"
+        "print(json.dumps({'float32_matmul_gflops': f['gflops'], 'bfloat16_dot_gflops': b['gflops'],"
+        " 'float32_dots_gflops': f['all_gflops'], 'bfloat16_dots_gflops': b['all_gflops']}))\n"
     )
     return run_json([sys.executable, "-c", code])
 

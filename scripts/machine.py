@@ -30,3 +30,32 @@ def machine() -> dict:
         "amx": "amx_bf16" in cpuinfo,
         "avx512_bf16": "avx512_bf16" in cpuinfo,
     }
+
+
+def matmul_roof_gflops(dtype: str, n: int = 2048, repeats: int = 7) -> dict:
+    """The matmul roof for `dtype`: GFLOP/s of an n^3 `jnp.dot` (float32 output), median of `repeats`, the
+    fastest of XLA's own dot and YNNPACK's (on the CPU, jaxlib 0.10 has both: XLA's is the faster in float32,
+    YNNPACK's in bfloat16, where XLA's converts to float32). Returns the rate and which dot gave it."""
+    import statistics
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    ynn = "xla_cpu_experimental_ynn_fusion_type"
+    choices = {"xla": {ynn: ""}, "ynnpack": {ynn: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
+    if jax.default_backend() != "cpu":
+        choices = {"default": None}
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    rates = {}
+    for name, options in choices.items():
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), compiler_options=options)
+        f(a, a).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(a, a).block_until_ready()
+            times.append(time.perf_counter() - t)
+        rates[name] = 2 * n**3 / statistics.median(times) / 1e9
+    best = max(rates, key=rates.get)
+    return {"gflops": round(rates[best], 1), "dot": best, "all_gflops": {k: round(v, 1) for k, v in rates.items()}}

@@ -44,35 +44,51 @@ def _correlate64(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
     )
 
 
-@pytest.mark.parametrize(
-    ("k", "c_in", "c_out", "stride", "path"),
-    [
-        (3, 64, 64, 1, "im2col"),  # the demo's heads
-        (7, 32, 20, 1, "im2col"),
-        (3, 256, 20, 1, "narrow"),  # the THUMOS heads' last layers (512 -> 20)
-        (7, 256, 20, 1, "narrow"),
-        (3, 128, 128, 1, "xla"),
-        (3, 64, 64, 2, "xla"),  # stride 2: the decoder's down-sampling
-    ],
-)
-def test_conv1d_paths_match_a_float64_correlation(k, c_in, c_out, stride, path, monkeypatch):
-    """Each way conv1d computes a convolution (chosen by shape) gives the correlation and its gradients."""
+CONV_CASES = [
+    (3, 64, 64, 1, "im2col"),  # the demo's heads
+    (7, 32, 20, 1, "im2col"),
+    (3, 256, 20, 1, "narrow"),  # the THUMOS heads' last layers (512 -> 20)
+    (7, 256, 20, 1, "narrow"),
+    (3, 128, 128, 1, "xla"),  # bfloat16: one matmul per tap (_tap_conv1d)
+    (3, 64, 64, 2, "xla"),  # stride 2: the decoder's down-sampling
+]
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """a rounded to bfloat16 (back in float32)."""
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("k", "c_in", "c_out", "stride", "path"), CONV_CASES)
+def test_conv1d_paths_match_a_float64_correlation(k, c_in, c_out, stride, path, dtype, monkeypatch):
+    """Each way conv1d computes a convolution (chosen by shape and dtype) gives the correlation and its
+    gradients. In bfloat16: of the bfloat16-rounded inputs and incoming gradient, accumulated in float32 (the
+    kernel's gradient to float32 rounding, the output and the input's gradient to bfloat16 rounding)."""
     called = []
-    for name in ("_im2col_conv1d", "_narrow_conv1d"):
+    for name in ("_im2col_conv1d", "_narrow_conv1d", "_tap_conv1d"):
         original = getattr(layers, name)
         monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
     x = RNG.standard_normal((2, 11, c_in)).astype(np.float32)
     kernel = (RNG.standard_normal((k, c_in, c_out)) / np.sqrt(k * c_in)).astype(np.float32)
     cot = RNG.standard_normal((2, (11 + stride - 1) // stride, c_out)).astype(np.float32)
+    low = dtype == "bfloat16"
+    x_in = jnp.asarray(x, dtype)
 
     def loss(x, kernel):
-        return jnp.sum(layers.conv1d(x, kernel, stride, "highest") * cot)
+        return jnp.sum(layers.conv1d(x, kernel, stride, "highest").astype(jnp.float32) * cot)
 
-    y = layers.conv1d(jnp.asarray(x), jnp.asarray(kernel), stride, "highest")
-    assert called == {"im2col": ["_im2col_conv1d"], "narrow": ["_narrow_conv1d"], "xla": []}[path]
-    np.testing.assert_allclose(y, _correlate64(x, kernel, stride), rtol=1e-5, atol=1e-5)
+    y = layers.conv1d(x_in, jnp.asarray(kernel), stride, "highest")
+    taps = ["_tap_conv1d"] if low else []
+    assert called == {"im2col": ["_im2col_conv1d"], "narrow": ["_narrow_conv1d"], "xla": taps}[path]
+    assert y.dtype == jnp.dtype(dtype)
+    if low:  # the float64 re-derivation of what bfloat16 compute multiplies
+        x, kernel, cot = _bf16(x), _bf16(kernel), _bf16(cot)
+    y_rtol, gx_tol = (8e-3, 2e-2) if low else (1e-5, 1e-5)
+    np.testing.assert_allclose(np.asarray(y, np.float32), _correlate64(x, kernel, stride), rtol=y_rtol, atol=1e-5)
     # Gradients: d/dx and d/dkernel of sum(y * cot), from the float64 correlation's adjoint.
-    gx, gk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+    gx, gk = jax.grad(loss, argnums=(0, 1))(x_in, jnp.asarray(kernel))
+    assert gx.dtype == jnp.dtype(dtype) and gk.dtype == jnp.float32
     pad = k // 2
     gx64 = np.zeros((2, 11 + 2 * pad, c_in))
     gk64 = np.zeros((k, c_in, c_out))
@@ -81,8 +97,29 @@ def test_conv1d_paths_match_a_float64_correlation(k, c_in, c_out, stride, path, 
         for j in range(k):
             gx64[:, stride * t + j] += cot[:, t].astype(np.float64) @ kernel[j].astype(np.float64).T
             gk64[j] += xp[:, stride * t + j].T @ cot[:, t].astype(np.float64)
-    np.testing.assert_allclose(gx, gx64[:, pad : pad + 11], rtol=1e-5, atol=1e-5)
+    gx64 = gx64[:, pad : pad + 11]
+    np.testing.assert_allclose(np.asarray(gx, np.float32), gx64, rtol=gx_tol, atol=gx_tol * np.abs(gx64).max())
     np.testing.assert_allclose(gk, gk64, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_in_bfloat16_multiplies_bfloat16_and_accumulates_float32():
+    """dense (the 1x1 convolutions, the GMG MLP, UpConv): output and input gradient in bfloat16, the float32
+    kernel's gradient from the bfloat16-rounded input and incoming gradient, accumulated in float32."""
+    x = RNG.standard_normal((2, 9, 96)).astype(np.float32)
+    kernel = (RNG.standard_normal((96, 40)) / np.sqrt(96)).astype(np.float32)
+    cot = RNG.standard_normal((2, 9, 40)).astype(np.float32)
+
+    def loss(x, kernel):
+        return jnp.sum(layers.dense(x, kernel).astype(jnp.float32) * cot)
+
+    x_in = jnp.asarray(x, jnp.bfloat16)
+    y = layers.dense(x_in, jnp.asarray(kernel))
+    gx, gk = jax.grad(loss, argnums=(0, 1))(x_in, jnp.asarray(kernel))
+    assert y.dtype == gx.dtype == jnp.bfloat16 and gk.dtype == jnp.float32
+    x64, k64, cot64 = (_bf16(a).astype(np.float64) for a in (x, kernel, cot))
+    np.testing.assert_allclose(np.asarray(y, np.float32), x64 @ k64, rtol=8e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), cot64 @ k64.T, rtol=8e-3, atol=1e-5)
+    np.testing.assert_allclose(gk, np.einsum("bti,bto->io", x64, cot64), rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_padding_never_wins():

@@ -227,6 +227,20 @@ def test_four_devices_train_like_one(baseline_run, tiny_dataset):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_bfloat16_trains_on_two_devices_like_one(baseline_run, tiny_dataset):
+    """bfloat16 compute sums its kernels' gradients over the sharded batch axis inside its own matmuls
+    (layers.matmul_f32): data parallel over 2 forced CPU devices gives the parameters of 1 device, up to
+    summation order."""
+    root, _ = baseline_run
+    for devices in (1, 2):
+        run_train(tiny_dataset, root / f"bf16_{devices}", "trainer.compute_dtype=bfloat16", devices=devices)
+    two, _ = final_params(tiny_dataset, root / "bf16_2")
+    one, _ = final_params(tiny_dataset, root / "bf16_1")
+    for a, b in zip(two, one, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-4)
+
+
 def _two_hosts(config: Path, workdir: Path, cache: Path, *overrides, per_process=((), ())):
     """Starts `cltdr train` as process 0 and 1 of a two-host jax.distributed job on this machine."""
     import socket

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import pytest
 
 from cltdr_jax import xla_options
@@ -16,9 +17,16 @@ def test_cpu_options_and_the_ways_to_keep_xla_defaults(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv(xla_options.DEFAULTS_ENV, raising=False)
     assert xla_options.compiler_options("cpu") == {YNN: ""}
+    assert xla_options.compiler_options("cpu", "float32") == {YNN: ""}
+    # bfloat16 keeps YNNPACK's dots: XLA's own converts bfloat16 operands to float32
+    dots = {YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert xla_options.compiler_options("cpu", "bfloat16") == dots
+    assert xla_options.compiler_options("cpu", jnp.bfloat16) == dots
     assert xla_options.compiler_options("gpu") is None
+    assert xla_options.compiler_options("gpu", "bfloat16") is None
     monkeypatch.setenv("XLA_FLAGS", f"--{YNN}=LIBRARY_FUSION_TYPE_DOT")  # the user's own choice wins
     assert xla_options.compiler_options("cpu") is None
+    assert xla_options.compiler_options("cpu", "bfloat16") is None
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setenv(xla_options.DEFAULTS_ENV, "1")
     assert xla_options.compiler_options("cpu") is None
@@ -33,5 +41,11 @@ def test_predictor_programs_are_compiled_without_ynn_fusions(thumos_small, monke
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv(xla_options.DEFAULTS_ENV, raising=False)
     cfg = load_config(thumos_small / "config.yaml")
-    text = Predictor(cfg, convert_checkpoint(cfg, thumos_small / "state_dict.npz")).executable(256).as_text()
+    params = convert_checkpoint(cfg, thumos_small / "state_dict.npz")
+    text = Predictor(cfg, params).executable(256).as_text()
     assert "fusion" in text and "__ynn_fusion" not in text
+    # bfloat16: dots go to YNNPACK (its bfloat16 kernels)
+    bf16 = load_config(thumos_small / "config.yaml", ["inference.dtype=bfloat16"])
+    text = Predictor(bf16, params).executable(256).as_text()
+    ynn_fusions = [line for line in text.splitlines() if "__ynn_fusion" in line and " fusion(" in line]
+    assert ynn_fusions and "bf16" in text

@@ -333,6 +333,8 @@ class ExportedPredictor(Predictor):
     def _compile(self, padded_len: int, input_dim: int) -> Any:
         """The deserialized program, called as `Predictor` calls its executables: (params, feats, mask)."""
         # Compiled with the options `Predictor` uses: the same detections to the last bit.
-        program = jax.jit(self._programs[padded_len].call, compiler_options=compiler_options())
+        program = jax.jit(
+            self._programs[padded_len].call, compiler_options=compiler_options(compute_dtype=self.manifest.get("dtype"))
+        )
         compiled = program.lower(*self.abstract_inputs(padded_len, input_dim)).compile()
         return lambda _params, feats, mask: compiled(feats, mask)
