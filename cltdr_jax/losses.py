@@ -76,6 +76,21 @@ def diou_loss_1d(pred: Array, target: Array) -> Array:
     return 1.0 - iou_1d(pred, target) + jnp.square(rho / jnp.maximum(enclosing, IOU_EPS))
 
 
+def iou_weight(iou: Array, power: float) -> Array:
+    """(1 - (1 - IoU))^power, as the reference forms it, with a finite gradient where it is 0.
+
+    With a power between 0 and 1 (THUMOS: 0.2) the derivative at 0 is infinite: a positive pair whose
+    prediction has collapsed (both refined offsets clamped to 0: IoU exactly 0) makes the reference's gradient
+    NaN, and stopped a demo run at step 387 on one machine. Here the gradient there is 0; every value, and
+    every other gradient, is the reference's.
+    """
+    w = 1 - (1 - iou)
+    if not 0 < power < 1:
+        return _pow(w, power)
+    positive = w > 0
+    return jnp.where(positive, _pow(jnp.where(positive, w, 1.0), power), jax.lax.stop_gradient(_pow(w, power)))
+
+
 _CLS_LOSSES = {"focal": sigmoid_focal_loss, "varifocal": varifocal_loss}
 
 
@@ -144,9 +159,9 @@ def detection_losses(
         cls = _CLS_LOSSES[loss_type](logits, smoothed)
         pred, target = pair_safe(offsets)
         if iou_weighted:
-            # (1 - (1 - IoU))^power, as the reference forms it, and NOT detached: the classification loss
-            # back-propagates into the regression outputs. Non-pairs have IoU 1, i.e. weight 1.
-            cls = cls * _pow(1 - (1 - iou_1d(pred, target)), cfg_model.iou_weight_power)
+            # NOT detached: the classification loss back-propagates into the regression outputs. Non-pairs
+            # have IoU 1, i.e. weight 1.
+            cls = cls * iou_weight(iou_1d(pred, target), cfg_model.iou_weight_power)
         cls_loss = jnp.sum(jnp.where(valid[..., None], cls, 0.0)) / norm
         reg_loss = jnp.sum(jnp.where(pairs, diou_loss_1d(pred, target), 0.0)) / norm
         return cls_loss, reg_loss

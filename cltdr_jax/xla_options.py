@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
-_CPU = {YNN_FUSIONS: ""}  # "": no YNNPACK fusions; XLA's own dots and loops
+NO_YNNPACK = {YNN_FUSIONS: ""}  # "": no YNNPACK fusions; XLA's own dots and loops (float32 on the CPU)
 # Low precision: YNNPACK's dots (both kinds: a dot alone, and a dot with what XLA fuses into it), nothing else.
-_CPU_LOW_PRECISION = {YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+YNNPACK_DOTS = {YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 DEFAULTS_ENV = "CLTDR_XLA_DEFAULTS"
 
 
@@ -36,6 +36,6 @@ def compiler_options(backend: str | None = None, compute_dtype: Any = None) -> d
         return None
     low_precision = compute_dtype is not None and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
     flags = os.environ.get("XLA_FLAGS", "")
-    chosen = _CPU_LOW_PRECISION if low_precision else _CPU
+    chosen = YNNPACK_DOTS if low_precision else NO_YNNPACK
     options = {k: v for k, v in chosen.items() if f"--{k}" not in flags}
     return options or None

@@ -42,8 +42,9 @@ def matmul_roof_gflops(dtype: str, n: int = 2048, repeats: int = 7) -> dict:
     import jax
     import jax.numpy as jnp
 
-    ynn = "xla_cpu_experimental_ynn_fusion_type"
-    choices = {"xla": {ynn: ""}, "ynnpack": {ynn: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
+    from cltdr_jax.xla_options import NO_YNNPACK, YNNPACK_DOTS
+
+    choices = {"xla": NO_YNNPACK, "ynnpack": YNNPACK_DOTS}
     if jax.default_backend() != "cpu":
         choices = {"default": None}
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)

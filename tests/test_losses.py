@@ -16,6 +16,7 @@ from cltdr_jax.losses import (
     detection_losses,
     diou_loss_1d,
     iou_1d,
+    iou_weight,
     sigmoid_focal_loss,
     varifocal_loss,
 )
@@ -245,6 +246,40 @@ def test_gradients_are_finite_and_the_iou_weight_reaches_the_regression_outputs(
     for name in ("refine_start", "refine_end", "reg_offsets", "start_logits", "end_logits"):
         assert any(bool((g != 0).any()) for g in coupled[name]), name
         assert all(not bool((g != 0).any()) for g in uncoupled[name]), name
+
+
+def test_iou_weight_has_the_reference_values_and_a_finite_gradient_at_zero_iou():
+    """(1 - (1 - IoU))^p: at IoU 0 with 0 < p < 1 the derivative is infinite (the reference's gradient NaN);
+    ours is 0 there, and the reference's value and derivative p IoU^(p - 1) everywhere else."""
+    iou = jnp.array([0.0, 0.25, 1.0])
+    for power in (0.2, 0.25):
+        np.testing.assert_allclose(iou_weight(iou, power), [0.0, 0.25**power, 1.0], rtol=1e-6)
+        grad = jax.vmap(jax.grad(lambda x, p=power: iou_weight(x, p)))(iou)
+        np.testing.assert_allclose(grad, [0.0, power * 0.25 ** (power - 1), power], rtol=1e-5)
+        assert not np.isfinite(jax.grad(lambda x, p=power: x**p)(0.0))  # the unguarded power
+    # Powers without the singularity keep the plain power and its gradient (power 1 at IoU 0: slope 1).
+    np.testing.assert_allclose(jax.vmap(jax.grad(lambda x: iou_weight(x, 1.0)))(iou), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(iou_weight(iou, 0.0), [1.0, 1.0, 1.0])
+
+
+def test_a_collapsed_positive_prediction_keeps_the_gradient_finite():
+    """A positive pair whose refined offsets are both clamped to 0 (IoU exactly 0) at iou_weight_power 0.2."""
+    outputs, cls_targets, reg_targets, masks = _synthetic_batch()
+    pos = np.argwhere(np.asarray(cls_targets[0, : outputs["refine_start"][0].shape[1]]) > 0)[0]
+    t, c = int(pos[0]), int(pos[1])
+    # refine shifts far beyond the expected distances: left > tau and right < tau, both deltas clamp to 0
+    outputs = dict(outputs)
+    for key, shift in (("refine_start", 1e3), ("refine_end", -1e3)):
+        level0 = np.array(outputs[key][0])
+        level0[0, t, c] = shift
+        outputs[key] = [level0, *outputs[key][1:]]
+    model = ModelConfig(num_bins=NB, iou_weight_power=0.2)
+
+    def final_loss(out):
+        return detection_losses(out, cls_targets, reg_targets, masks, 100.0, TrainConfig(), model)[0]["final_loss"]
+
+    grads = jax.jit(jax.grad(final_loss))(outputs)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def matmul_f32(x: Array, w: Array, precision: Precision = None) -> Array:
     In float32 this is jnp.matmul. In a low-precision dtype the backward pass is low-precision too: the
     incoming float32 gradient is rounded to x's dtype before the two gradient matmuls (as mixed-precision
     training does), since JAX's own gradient of a float32-output matmul multiplies in float32 (a bfloat16
-    operand against a float32 cotangent), at a third to half the rate of a bfloat16 matmul on a CPU with
+    operand against a float32 cotangent), at about half the rate of a bfloat16 matmul on a CPU with
     bfloat16 units. The weight's gradient is accumulated and returned in w's dtype (the float32 parameter).
     """
     if not _is_low_precision(x.dtype):
