@@ -20,7 +20,8 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+
+from cltdr_jax.model.layers import is_low_precision
 
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 NO_YNNPACK = {YNN_FUSIONS: ""}  # "": no YNNPACK fusions; XLA's own dots and loops (float32 on the CPU)
@@ -34,7 +35,7 @@ def compiler_options(backend: str | None = None, compute_dtype: Any = None) -> d
     default backend), or None where we keep XLA's defaults."""
     if os.environ.get(DEFAULTS_ENV) == "1" or (backend or jax.default_backend()) != "cpu":
         return None
-    low_precision = compute_dtype is not None and jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
+    low_precision = compute_dtype is not None and is_low_precision(compute_dtype)
     flags = os.environ.get("XLA_FLAGS", "")
     chosen = YNNPACK_DOTS if low_precision else NO_YNNPACK
     options = {k: v for k, v in chosen.items() if f"--{k}" not in flags}

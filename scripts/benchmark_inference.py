@@ -54,7 +54,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from machine import machine  # noqa: E402
+from machine import machine, matmul_roof_gflops  # noqa: E402
 
 from cltdr_jax.config import load_config  # noqa: E402
 from cltdr_jax.convert import count_params  # noqa: E402
@@ -84,16 +84,6 @@ def flops_of(compiled: jax.stages.Compiled) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def matmul_roof(repeats: int) -> dict:
-    """Median FLOP/s of a float32 2048^3 jnp.dot, compiled and warmed up first."""
-    n = 2048
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    dot = jax.jit(lambda a: jnp.dot(a, a, precision=jax.lax.Precision.HIGHEST)).lower(a).compile()
-    jax.block_until_ready(dot(a))
-    seconds, _ = median_time(lambda: jax.block_until_ready(dot(a)), max(repeats, 5))
-    return {"seconds": seconds, "gflops": 2 * n**3 / seconds / 1e9}
 
 
 def time_fixture_nms(cfg, repeats: int) -> dict | None:
@@ -183,7 +173,8 @@ def main() -> None:
     init_s = time.perf_counter() - start
     predictor = Predictor(cfg, params)
 
-    roof = matmul_roof(args.repeats)
+    # The roof of the network's dtype: bfloat16 is measured against the bfloat16 dot, not the float32 one.
+    roof = matmul_roof_gflops(cfg.inference.dtype)
     results = {}
     for length in lengths:
         feats = rng.standard_normal((length, cfg.dataset.input_dim)).astype(np.float32)
@@ -202,7 +193,7 @@ def main() -> None:
             "backend": jax.default_backend(),
             "python": sys.version.split()[0],
         },
-        "matmul_f32_2048_gflops": round(roof["gflops"], 1),
+        "matmul_roof_gflops": roof,  # jnp.dot 2048^3 in the network's dtype (machine.matmul_roof_gflops)
         "lengths": results,
         "soft_nms_fixture": time_fixture_nms(cfg, args.repeats),
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -64,7 +64,7 @@ def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None
             return _im2col_conv1d(x, kernel, precision)
         if out <= NARROW_CONV_MAX_OUT and i >= NARROW_CONV_MIN_IN:
             return _narrow_conv1d(x, kernel, precision)
-    if _is_low_precision(x.dtype):
+    if is_low_precision(x.dtype):
         return _tap_conv1d(x, kernel, stride, precision)
     return jax.lax.conv_general_dilated(
         x,
@@ -124,7 +124,9 @@ def dense(x: Array, kernel: Array, precision: Precision = None) -> Array:
     return matmul_f32(x, kernel, precision).astype(x.dtype)
 
 
-def _is_low_precision(dtype: Dtype) -> bool:
+def is_low_precision(dtype: Dtype) -> bool:
+    """bfloat16 or float16: computed through `matmul_f32`'s low-precision gradient (and, on the CPU, compiled
+    with YNNPACK's dots: xla_options)."""
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -137,7 +139,7 @@ def matmul_f32(x: Array, w: Array, precision: Precision = None) -> Array:
     operand against a float32 cotangent), at about half the rate of a bfloat16 matmul on a CPU with
     bfloat16 units. The weight's gradient is accumulated and returned in w's dtype (the float32 parameter).
     """
-    if not _is_low_precision(x.dtype):
+    if not is_low_precision(x.dtype):
         return jnp.matmul(x, w.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32)
     return _low_precision_matmul(x, w, precision)
 
