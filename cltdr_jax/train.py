@@ -38,7 +38,7 @@ from cltdr_jax import checkpoint as ckpt
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import Config
 from cltdr_jax.data.datasets import VideoDataset
-from cltdr_jax.errors import CltdrError
+from cltdr_jax.errors import CheckpointError, CltdrError
 from cltdr_jax.inference import Predictor
 from cltdr_jax.input_pipeline import TrainBatches
 from cltdr_jax.losses import detection_losses
@@ -231,32 +231,6 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
-    step = int(state.step)
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.ema_params),
-            train_state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
-    mngr.wait_until_finished()
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, abstract: TrainState, step: int) -> tuple[TrainState, dict]:
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(train_state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-    )
-    return restored["train_state"], dict(restored["meta"])
-
-
-# ---------------------------------------------------------------------------------------------------
 # Progress and logs
 
 
@@ -444,7 +418,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, profile_dir: str | Path
                 finish(step, metrics, time.perf_counter() - t0)
                 pending = None
             if saving:
-                save_checkpoint(mngr, state, meta(step, data_state))
+                ckpt.save_training(mngr, state, meta(step, data_state))
             if evaluating:
                 # Process 0 evaluates; the others wait for it, so every process leaves each evaluation together.
                 result = (
@@ -545,8 +519,11 @@ def restore_latest_readable(
     restored = None
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            restored = restore_checkpoint(mngr, abstract, step)
+            restored = ckpt.restore_training(mngr, step, abstract, "this run's model and optimizer (config.yaml)")
             break
+        except CheckpointError:  # readable, but of another model: moving it aside would not help
+            mngr.close()
+            raise
         except Exception as e:
             log.warning("checkpoint %s is unreadable (%s)", directory / str(step), ckpt.short_error(e))
             unreadable.append(step)

@@ -150,11 +150,15 @@ def test_every_config_round_trips_with_random_weights(name, tmp_path):
     assert_bit_equal(flat(convert_checkpoint(cfg, path)), flat(params))
 
 
-def test_raw_and_ema_weights_of_a_trained_checkpoint(cfg, thumos_small, tmp_path):
-    """A checkpoint of `cltdr train`: state_dict from the live weights, state_dict_ema from the EMA ones."""
-    from cltdr_jax.checkpoint import manager
+@pytest.mark.parametrize("layout", ["packed", "tree"])
+def test_raw_and_ema_weights_of_a_trained_checkpoint(cfg, thumos_small, tmp_path, layout):
+    """A checkpoint of `cltdr train`: state_dict from the live weights, state_dict_ema from the EMA ones; "tree":
+    as versions before the packed training state wrote it."""
+    import orbax.checkpoint as ocp
+
+    from cltdr_jax.checkpoint import manager, save_training
     from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import TrainState, save_checkpoint
+    from cltdr_jax.train import TrainState
 
     tx, _ = make_optimizer(cfg, 10)
     raw = random_params(cfg)
@@ -168,7 +172,13 @@ def test_raw_and_ema_weights_of_a_trained_checkpoint(cfg, thumos_small, tmp_path
         rng=np.zeros(2, np.uint32),
     )
     mngr = manager(tmp_path / "ckpt")
-    save_checkpoint(mngr, state, {"step": 30, "epoch": 3.0, "config": cfg.to_dict()})
+    meta = {"step": 30, "epoch": 3.0, "config": cfg.to_dict()}
+    if layout == "packed":
+        save_training(mngr, state, meta)
+    else:
+        items = {"params": ocp.args.StandardSave(ema), "train_state": ocp.args.StandardSave(state)}
+        mngr.save(30, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
     mngr.close()
 
     config = str(thumos_small / "config.yaml")
