@@ -1,5 +1,5 @@
-"""Which checkpoint `load_params` reads, and how an unreadable one is reported (converted checkpoints; the
-trained ones are covered in test_train.py)."""
+"""Which checkpoint `load_params` reads, and how an unreadable one is reported (converted checkpoints; training
+runs are covered in test_train.py); how a training state is written (packed) and read back."""
 
 from __future__ import annotations
 
