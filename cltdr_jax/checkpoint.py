@@ -141,17 +141,27 @@ def save_training(mngr: ocp.CheckpointManager, state: Any, meta: dict[str, Any])
     mngr.wait_until_finished()
 
 
+def _read_packed_state(
+    mngr: ocp.CheckpointManager, step: int, prefix: str = ""
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    """A step's packed training state as {path: array} (`unpack_state` with `prefix`) and its metadata without
+    the layout; None for the state of a checkpoint written before packing (a tree, read by the caller)."""
+    meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})
+    layout = meta.pop(STATE_LAYOUT, None)
+    if layout is None:
+        return None, meta
+    packed = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))["train_state"]
+    return unpack_state(packed, layout, prefix), meta
+
+
 def restore_training(mngr: ocp.CheckpointManager, step: int, abstract: Any, fitting: str) -> tuple[Any, dict]:
     """The training state of a step's checkpoint on `abstract`'s shardings, and its metadata (without the
     layout). Checkpoints of versions before packing (a `train_state` tree) are read as they were written."""
-    meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-    layout = meta.pop(STATE_LAYOUT, None)
-    if layout is None:
+    leaves, meta = _read_packed_state(mngr, step)
+    if leaves is None:
         restored = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore(abstract)))
         return restored["train_state"], meta
-    packed = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))["train_state"]
-    where = str(Path(mngr.directory) / str(step))
-    return place_leaves(abstract, unpack_state(packed, layout), where, fitting), meta
+    return place_leaves(abstract, leaves, str(Path(mngr.directory) / str(step)), fitting), meta
 
 
 def short_error(e: BaseException, limit: int = 160) -> str:
@@ -245,10 +255,8 @@ def load_params(
             )
             params, meta = restored["params"], restored["meta"]
         else:
-            meta = dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-            if STATE_LAYOUT in meta:
-                restored = mngr.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))
-                leaves = unpack_state(restored["train_state"], meta.pop(STATE_LAYOUT), prefix=".params")
+            leaves, meta = _read_packed_state(mngr, step, prefix=".params")
+            if leaves is not None:
                 params = place_leaves(_on_local_device(abstract), leaves, str(where), fitting)
             else:  # written before packing: a tree
                 state_tree = mngr.item_metadata(step)["train_state"]
