@@ -7,6 +7,7 @@ selected with masks, not boolean indexing, so every function jits with static sh
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -93,6 +94,92 @@ def iou_weight(iou: Array, power: float) -> Array:
 
 _CLS_LOSSES = {"focal": sigmoid_focal_loss, "varifocal": varifocal_loss}
 
+# The regression outputs matter at the positive point-class pairs only (elsewhere they are replaced by a unit
+# segment), so the losses decode just those: PAIR_SLOTS positive classes of every point per page, as many
+# pages as the point with the most needs. One page almost always (a point has several positive classes only
+# where ground truths of equal length overlap, like THUMOS14's CliffDiving and Diving, which coincide):
+# [B, nb + 1, N, 2] windows instead of [B, nb + 1, N, C].
+PAIR_SLOTS = 2
+
+_DECODER_INPUTS = ("start_logits", "end_logits", "reg_offsets", "refine_start", "refine_end")
+
+
+def _regression_page(
+    heads: Mapping[str, Sequence[Array]], pairs: Array, reg_targets: Array, cfg_model: ModelConfig, page: Array
+) -> tuple[Array, Array, Array]:
+    """One page of the regression side of both terms: `(iou_weights [B, N, C], refined DIoU sum, coarse DIoU
+    sum)` over the pairs whose class is the point's `page * PAIR_SLOTS + 1`-th to `(page + 1) * PAIR_SLOTS`-th
+    positive one (in class order); the weights are 0 at every other point-class pair."""
+    strides = [2**level for level in range(len(heads["start_logits"]))]
+    rank = jnp.cumsum(pairs, axis=-1, dtype=jnp.int32)  # among the point's positive classes, from 1
+    in_slot = pairs[..., None] & (rank[..., None] == page * PAIR_SLOTS + jnp.arange(1, PAIR_SLOTS + 1))
+    kept = jnp.any(in_slot, axis=2)  # [B, N, S]; an empty slot decodes class 0, unused
+    decoded = decode(heads, strides, cfg_model.num_bins, jnp.argmax(in_slot, axis=2))
+
+    def pair_safe(offsets: Array) -> Array:
+        # Empty slots get a unit segment on both sides (IoU 1, DIoU 0) so that neither their values nor their
+        # gradients can be NaN (targets of negative points may be negative).
+        return jnp.where(kept[..., None], offsets, 1.0)
+
+    target = pair_safe(jnp.broadcast_to(reg_targets[:, :, None, :], (*kept.shape, 2)))
+    refined = pair_safe(jnp.stack([decoded.delta_start, decoded.delta_end], axis=-1))
+    coarse = pair_safe(jnp.stack([decoded.d_start, decoded.d_end], axis=-1))
+    weights = iou_weight(iou_1d(refined, target), cfg_model.iou_weight_power)  # [B, N, S]
+    refined_sum = jnp.sum(jnp.where(kept, diou_loss_1d(refined, target), 0.0))
+    coarse_sum = jnp.sum(jnp.where(kept, diou_loss_1d(coarse, target), 0.0))
+    return jnp.sum(jnp.where(in_slot, weights[:, :, None, :], 0.0), axis=-1), refined_sum, coarse_sum
+
+
+def _pages(pairs: Array) -> Array:
+    return (jnp.max(jnp.sum(pairs, axis=-1, dtype=jnp.int32)) + PAIR_SLOTS - 1) // PAIR_SLOTS
+
+
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _pair_regression(
+    heads: dict[str, list[Array]], pairs: Array, reg_targets: Array, cfg_model: ModelConfig
+) -> tuple[Array, Array, Array]:
+    """`_regression_page` summed over the pages the batch needs: the IoU weights of every pair (0 where
+    there is none) and both DIoU sums. The first page is plain differentiable code, which XLA schedules with
+    the rest of the step (the refine heads' gradient, for one, is ready as soon as the IoU's is)."""
+    first = _regression_page(heads, pairs, reg_targets, cfg_model, 0)
+    return _add(first, _later_pages(heads, pairs, reg_targets, cfg_model))
+
+
+# The later pages, in a loop whose trip count the batch decides (almost always none). Reverse-mode
+# differentiation cannot go through such a loop (nor, cheaply, through a branch: the derivative of a
+# `lax.cond` carries the residuals of both branches out of it), so its gradient is written here: the same
+# loop, each page recomputing its forward inside its VJP.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _later_pages(
+    heads: dict[str, list[Array]], pairs: Array, reg_targets: Array, cfg_model: ModelConfig
+) -> tuple[Array, Array, Array]:
+    def page_values(page):
+        return _regression_page(heads, pairs, reg_targets, cfg_model, page)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(page_values, 1))
+    return jax.lax.fori_loop(1, _pages(pairs), lambda page, total: _add(total, page_values(page)), zeros)
+
+
+def _later_pages_fwd(heads, pairs, reg_targets, cfg_model):
+    return _later_pages(heads, pairs, reg_targets, cfg_model), (heads, pairs, reg_targets)
+
+
+def _later_pages_bwd(cfg_model, saved, cotangents):
+    heads, pairs, reg_targets = saved
+
+    def page_gradient(page, total):
+        _, vjp = jax.vjp(lambda h: _regression_page(h, pairs, reg_targets, cfg_model, page), heads)
+        return _add(total, vjp(cotangents)[0])
+
+    grads = jax.lax.fori_loop(1, _pages(pairs), page_gradient, jax.tree.map(jnp.zeros_like, heads))
+    return grads, None, None
+
+
+_later_pages.defvjp(_later_pages_fwd, _later_pages_bwd)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Detection losses
@@ -125,7 +212,6 @@ def detection_losses(
       `(losses, new_loss_norm)`. `losses` holds `final_loss` (the one to differentiate), `cls_loss`,
       `reg_loss`, both parts (`refined_*`, `coarse_*`), `num_pos` and the two normalisers used.
     """
-    strides = [2**level for level in range(len(masks))]
     valid = jnp.concatenate(masks, axis=1)  # [B, N]
     cls_targets = cls_targets.astype(jnp.float32)
     num_classes = cls_targets.shape[-1]
@@ -136,16 +222,9 @@ def detection_losses(
     num_pos = jnp.sum(pos)
 
     with jax.named_scope("trident_decode"):
-        decoded = decode(outputs, strides, cfg_model.num_bins)
-    coarse_offsets = jnp.stack([decoded.d_start, decoded.d_end], axis=-1)  # [B, N, C, 2]
-    refined_offsets = jnp.stack([decoded.delta_start, decoded.delta_end], axis=-1)
-    pair_target = jnp.broadcast_to(reg_targets[:, :, None, :], refined_offsets.shape)
-
-    def pair_safe(offsets: Array) -> tuple[Array, Array]:
-        # Non-pairs get a unit segment on both sides (IoU 1, DIoU 0) so that neither their values nor their
-        # gradients can be NaN (targets of negative points may be negative).
-        keep = pairs[..., None]
-        return jnp.where(keep, offsets, 1.0), jnp.where(keep, pair_target, 1.0)
+        heads = {key: list(outputs[key]) for key in _DECODER_INPUTS}
+        iou_weights, refined_reg_sum, coarse_reg_sum = _pair_regression(heads, pairs, reg_targets, cfg_model)
+    iou_weights = jnp.where(pairs, iou_weights, 1.0)  # non-pairs: IoU 1, weight 1
 
     # The reference updates its normaliser twice per step: each term divides by the value just updated.
     new_pos = jnp.maximum(num_pos, 1).astype(jnp.float32)
@@ -155,31 +234,22 @@ def detection_losses(
     eps = cfg_train.label_smoothing
     smoothed = cls_targets * (1 - eps) + eps / (num_classes + 1)
 
-    def term(logits: Array, offsets: Array, loss_type: str, iou_weighted: bool, norm: Array) -> tuple[Array, Array]:
+    def cls_loss(logits: Array, loss_type: str, weights: Array | None, norm: Array) -> Array:
         cls = _CLS_LOSSES[loss_type](logits, smoothed)
-        pred, target = pair_safe(offsets)
-        if iou_weighted:
-            # NOT detached: the classification loss back-propagates into the regression outputs. Non-pairs
-            # have IoU 1, i.e. weight 1.
-            cls = cls * iou_weight(iou_1d(pred, target), cfg_model.iou_weight_power)
-        cls_loss = jnp.sum(jnp.where(valid[..., None], cls, 0.0)) / norm
-        reg_loss = jnp.sum(jnp.where(pairs, diou_loss_1d(pred, target), 0.0)) / norm
-        return cls_loss, reg_loss
+        if weights is not None:
+            cls = cls * weights
+        return jnp.sum(jnp.where(valid[..., None], cls, 0.0)) / norm
 
-    refined_cls, refined_reg = term(
-        jnp.concatenate(outputs["cls_logits"], axis=1),
-        refined_offsets,
-        cfg_train.refined_cls_loss,
-        True,
-        norm_refined,
+    # The IoU weight belongs to the refined term: NOT detached, so the classification loss back-propagates
+    # into the regression outputs.
+    refined_cls = cls_loss(
+        jnp.concatenate(outputs["cls_logits"], axis=1), cfg_train.refined_cls_loss, iou_weights, norm_refined
     )
-    coarse_cls, coarse_reg = term(
-        jnp.concatenate(outputs["coarse_cls_logits"], axis=1),
-        coarse_offsets,
-        cfg_train.coarse_cls_loss,
-        False,
-        norm_coarse,
+    coarse_cls = cls_loss(
+        jnp.concatenate(outputs["coarse_cls_logits"], axis=1), cfg_train.coarse_cls_loss, None, norm_coarse
     )
+    refined_reg = refined_reg_sum / norm_refined
+    coarse_reg = coarse_reg_sum / norm_coarse
     refined_final = refined_cls + cfg_train.loss_weight * refined_reg
     coarse_final = coarse_cls + cfg_train.loss_weight * coarse_reg
     w = cfg_train.refined_loss_weight

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cltdr_jax import losses as losses_module
 from cltdr_jax.assignment import assign_targets_batch
 from cltdr_jax.config import ModelConfig, TrainConfig, load_config
 from cltdr_jax.losses import (
@@ -79,7 +80,9 @@ RANGES = ((0, 4), (4, 8), (8, 10000))
 C = 3
 
 
-def _synthetic_batch(seed: int = 0):
+def _synthetic_batch(seed: int = 0, three_labels: bool = False):
+    """Two videos, three levels. The segment [2, 7] of video 0 carries labels 0 and 2 (two positive classes
+    at its points); with `three_labels`, a third copy carries label 1: more classes than the loss's slots."""
     rng = np.random.default_rng(seed)
     b, t0 = 2, 16
     lengths = [16, 11]
@@ -109,6 +112,8 @@ def _synthetic_batch(seed: int = 0):
     points = np.concatenate(make_points(t0, STRIDES, RANGES))
     segments = np.array([[[2, 7], [2, 7], [9, 15]], [[1, 4.5], [3, 10], [0, 0]]], np.float32)
     labels = np.array([[0, 2, 1], [1, 0, 0]], np.int32)
+    if three_labels:
+        segments[0, 2] = segments[0, 0]
     valid = np.array([[True, True, True], [True, True, False]])
     cls_targets, reg_targets = assign_targets_batch(points, segments, labels, valid, C, 1.5)
     return outputs, np.asarray(cls_targets), np.asarray(reg_targets), masks
@@ -192,10 +197,13 @@ def _np_detection_losses(outputs, cls_targets, reg_targets, masks, norm, train: 
     return result
 
 
-# The default losses without smoothing, and both switches flipped with smoothing (every target > 0).
+# The default losses without smoothing, and both switches flipped with smoothing (every target > 0); a batch
+# whose points have at most two positive classes (decoded in slots), and one with three (every class decoded).
+@pytest.mark.parametrize("three_labels", [False, True])
 @pytest.mark.parametrize("smoothing, refined, coarse", [(0.0, "varifocal", "focal"), (0.1, "focal", "varifocal")])
-def test_matches_float64_rederivation(smoothing, refined, coarse):
-    outputs, cls_targets, reg_targets, masks = _synthetic_batch()
+def test_matches_float64_rederivation(smoothing, refined, coarse, three_labels):
+    outputs, cls_targets, reg_targets, masks = _synthetic_batch(three_labels=three_labels)
+    assert cls_targets.sum(-1).max() == (3 if three_labels else 2)
     train = TrainConfig(label_smoothing=smoothing, refined_cls_loss=refined, coarse_cls_loss=coarse)
     model = ModelConfig(num_bins=NB, iou_weight_power=0.2)
     losses, new_norm = _losses(outputs, cls_targets, reg_targets, masks, 50.0, train, model)
@@ -246,6 +254,62 @@ def test_gradients_are_finite_and_the_iou_weight_reaches_the_regression_outputs(
     for name in ("refine_start", "refine_end", "reg_offsets", "start_logits", "end_logits"):
         assert any(bool((g != 0).any()) for g in coupled[name]), name
         assert all(not bool((g != 0).any()) for g in uncoupled[name]), name
+
+
+@pytest.mark.parametrize("three_labels", [False, True])
+def test_gradients_equal_finite_differences_in_float64(three_labels):
+    """The losses' custom VJP (the decoder on each point's positive classes, or on every class when a point
+    has more than the slots): directional derivatives against central differences, in float64."""
+    outputs, cls_targets, reg_targets, masks = _synthetic_batch(three_labels=three_labels)
+    model = ModelConfig(num_bins=NB, iou_weight_power=0.2)
+
+    def final_loss(out):
+        return detection_losses(out, cls_targets, reg_targets, masks, 100.0, TrainConfig(), model)[0]["final_loss"]
+
+    rng = np.random.default_rng(3)
+    eps = 1e-6
+    with jax.enable_x64(True):
+        out64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), outputs)
+        grads = jax.jit(jax.grad(final_loss))(out64)
+        for key in ("start_logits", "end_logits", "reg_offsets", "refine_start", "cls_logits"):
+            direction = jax.tree.map(lambda x: jnp.zeros_like(x), out64)
+            direction[key] = [jnp.asarray(rng.normal(size=x.shape)) * (x != 0) for x in out64[key]]
+            plus = jax.tree.map(lambda x, d: x + eps * d, out64, direction)
+            minus = jax.tree.map(lambda x, d: x - eps * d, out64, direction)
+            numeric = (float(final_loss(plus)) - float(final_loss(minus))) / (2 * eps)
+            analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(grads[key], direction[key], strict=True))
+            assert analytic != 0.0, key
+            np.testing.assert_allclose(analytic, numeric, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("three_labels", [False, True])
+def test_any_number_of_pages_gives_the_same_losses_and_gradients(monkeypatch, three_labels):
+    """The positive pairs decoded 2 classes per page (1 or 2 pages here), 1 per page (2 or 3 pages) or all 3
+    classes in one page: the same losses and gradients within float32 rounding."""
+    outputs, cls_targets, reg_targets, masks = _synthetic_batch(three_labels=three_labels)
+    model = ModelConfig(num_bins=NB, iou_weight_power=0.2)
+
+    def losses_and_grads(slots):
+        monkeypatch.setattr(losses_module, "PAIR_SLOTS", slots)
+
+        def f(out):
+            losses = detection_losses(out, cls_targets, reg_targets, masks, 100.0, TrainConfig(), model)[0]
+            return losses["final_loss"], losses
+
+        return jax.jit(jax.grad(f, has_aux=True))(outputs)
+
+    default_grads, default_losses = losses_and_grads(2)
+    for slots in (1, 3):
+        grads, losses = losses_and_grads(slots)
+        for key, value in default_losses.items():
+            np.testing.assert_allclose(float(losses[key]), float(value), rtol=1e-6, err_msg=f"{slots}: {key}")
+        for (path, expected), actual in zip(
+            jax.tree_util.tree_leaves_with_path(default_grads), jax.tree.leaves(grads), strict=True
+        ):
+            scale = float(np.abs(expected).max()) or 1.0
+            np.testing.assert_allclose(
+                np.asarray(actual), np.asarray(expected), rtol=0, atol=1e-6 * scale, err_msg=f"{slots}: {path}"
+            )
 
 
 def test_iou_weight_has_the_reference_values_and_a_finite_gradient_at_zero_iou():

@@ -214,6 +214,24 @@ def test_decode_is_differentiable():
         assert all(np.abs(np.asarray(g)).sum() > 0 for g in grads)
 
 
+def test_decoding_chosen_classes_gives_those_classes_of_the_full_decode():
+    """`decode(..., classes)` (what the losses use) equals the full decode at those classes, bit for bit,
+    windows at level borders and points choosing one class twice included."""
+    nb, c, lengths, strides = 3, 5, [9, 5, 3], [1, 2, 4]
+    n = sum(lengths)
+    rng = np.random.default_rng(2)
+    start, end, refine_start, refine_end = (rng.normal(0, 3, (2, n, c)).astype(np.float32) for _ in range(4))
+    reg = rng.normal(0, 2, (2, n, 2 * (nb + 1))).astype(np.float32)
+    out = _outputs(start, end, reg, refine_start, refine_end, lengths)
+    classes = rng.integers(0, c, (2, n, 2))
+    classes[0, :4, 1] = classes[0, :4, 0]
+    full = jax.jit(lambda o: decode(o, strides, nb))(out)
+    chosen = jax.jit(lambda o, k: decode(o, strides, nb, k))(out, jnp.asarray(classes, jnp.int32))
+    for name, all_classes, some in zip(full._fields, full, chosen, strict=True):
+        assert some.shape == (2, n, 2), name
+        np.testing.assert_array_equal(np.asarray(some), np.take_along_axis(np.asarray(all_classes), classes, -1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Golden outputs
 

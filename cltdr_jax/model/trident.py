@@ -113,7 +113,8 @@ class TridentHead(nn.Module):
 
 
 class Decoded(NamedTuple):
-    """Decoded boundaries of every point and class, packed over levels (`[B, N, C]` each).
+    """Decoded boundaries of every point and class, packed over levels (`[B, N, C]` each; `[B, N, S]` for the
+    classes `decode` was given).
 
     `d_start`, `d_end`: Trident distances (level-grid units, in [0, nb]); `delta_start`, `delta_end`: the
     refined ones (level-grid units, >= 0); `left`, `right`: the refined segment ends in input-grid units.
@@ -144,20 +145,42 @@ def packed_rows(lengths: Sequence[int], strides: Sequence[int]) -> PackedRows:
 
 
 def _window_distributions(
-    start_logits: Array, end_logits: Array, reg_offsets: Array, rows: PackedRows, num_bins: int
+    start_logits: Array,
+    end_logits: Array,
+    reg_offsets: Array,
+    rows: PackedRows,
+    num_bins: int,
+    classes: Array | None = None,
 ) -> tuple[Array, Array]:
     """`boundary_distributions` with the bins on axis 1, `[B, nb + 1, N, C]`, as the decoder computes it:
     each bin's window is then a contiguous slab, which XLA's CPU backend stacks, reduces and differentiates
-    faster than bins interleaved along the last axis (forward + backward at the demo's size: 9 -> 6 ms)."""
+    faster than bins interleaved along the last axis (forward + backward at the demo's size: 9 -> 6 ms).
+    With `classes` (`[B, N, S]`) only those classes of each point: `[B, nb + 1, N, S]`."""
     nb = num_bins
     n = start_logits.shape[1]
+    # Bin k of row n reads padded row n + k of both sides.
     start = jnp.pad(start_logits, ((0, 0), (nb, 0), (0, 0)))
     end = jnp.pad(end_logits, ((0, 0), (0, nb), (0, 0)))
     local = jnp.asarray(rows.local)[None, :, None]
     left_in_level = jnp.asarray(rows.left_in_level)[None, :, None]
     # A window cell outside its level (or past the padded video) sees a zero logit, not -inf (parity quirk).
-    start_win = jnp.stack([jnp.where(local >= nb - k, start[:, k : k + n], 0.0) for k in range(nb + 1)], axis=1)
-    end_win = jnp.stack([jnp.where(left_in_level > k, end[:, k : k + n], 0.0) for k in range(nb + 1)], axis=1)
+    if classes is None:
+        start_win = jnp.stack([jnp.where(local >= nb - k, start[:, k : k + n], 0.0) for k in range(nb + 1)], 1)
+        end_win = jnp.stack([jnp.where(left_in_level > k, end[:, k : k + n], 0.0) for k in range(nb + 1)], 1)
+    else:
+        # A gather of B (nb + 1) N S logits (and a scatter-add of as many in the backward pass) instead of
+        # the C / S times larger windows of every class; along one axis per video, so that a batch sharded
+        # over devices stays so.
+        b, _, c = start.shape
+        k = np.arange(nb + 1)[None, :, None, None]
+        cell = (np.arange(n)[None, None, :, None] + k) * c + classes[:, None]  # [B, nb + 1, N, S]
+
+        def windows(padded: Array) -> Array:
+            flat = jnp.take_along_axis(padded.reshape(b, -1), cell.reshape(b, -1), axis=1)
+            return flat.reshape(cell.shape)
+
+        start_win = jnp.where(local[:, None] >= nb - k, windows(start), 0.0)
+        end_win = jnp.where(left_in_level[:, None] > k, windows(end), 0.0)
     # Centre-offset logits are class-agnostic: broadcast over C.
     centre_start = jnp.swapaxes(reg_offsets[:, :, : nb + 1], 1, 2)[..., None]
     centre_end = jnp.swapaxes(reg_offsets[:, :, nb + 1 :], 1, 2)[..., None]
@@ -197,11 +220,15 @@ def expected_distances(p_start: Array, p_end: Array) -> tuple[Array, Array]:
     return _expected_distances(jnp.moveaxis(p_start, -1, 1), jnp.moveaxis(p_end, -1, 1))
 
 
-def decode(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int) -> Decoded:
+def decode(
+    outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_bins: int, classes: Array | None = None
+) -> Decoded:
     """Trident distances and their refinement for every level, packed along time.
 
     `outputs`: the detector's per-level lists `start_logits`, `end_logits`, `refine_start`, `refine_end`
     `[B, T_l, C]` (the refine shifts in input-grid units) and `reg_offsets` `[B, T_l, 2 (nb + 1)]`.
+    `classes`: optional `[B, N, S]` class indices; then only class `classes[b, n, s]` of point `n` is decoded,
+    into slot `s` of `[B, N, S]` outputs (the losses need only the positive pairs), with the same values.
     """
     lengths = [x.shape[1] for x in outputs["start_logits"]]
     rows = packed_rows(lengths, strides)
@@ -209,8 +236,11 @@ def decode(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_b
     def packed(key: str) -> Array:
         return jnp.concatenate(list(outputs[key]), axis=1)
 
+    def of_classes(x: Array) -> Array:
+        return x if classes is None else jnp.take_along_axis(x, classes, axis=-1)
+
     p_start, p_end = _window_distributions(
-        packed("start_logits"), packed("end_logits"), packed("reg_offsets"), rows, num_bins
+        packed("start_logits"), packed("end_logits"), packed("reg_offsets"), rows, num_bins, classes
     )
     d_start, d_end = _expected_distances(p_start, p_end)
     s = jnp.asarray(rows.stride)[None, :, None]
@@ -218,8 +248,8 @@ def decode(outputs: Mapping[str, Sequence[Array]], strides: Sequence[int], num_b
     # Refinement in the reference's operation order: at large tau float32 rounding is about ulp(tau).
     left = tau - d_start * s
     right = tau + d_end * s
-    left = left + packed("refine_start")
-    right = right + packed("refine_end")
+    left = left + of_classes(packed("refine_start"))
+    right = right + of_classes(packed("refine_end"))
     delta_start = jnp.maximum(0.0, (tau - left) / s)
     delta_end = jnp.maximum(0.0, (right - tau) / s)
     return Decoded(d_start, d_end, delta_start, delta_end, tau - delta_start * s, tau + delta_end * s)
