@@ -549,8 +549,10 @@ def test_tensorboard_profile_and_several_seeds(tiny_dataset, tmp_path):
     assert list((tmp_path / "trace").rglob("*.xplane.pb")), "no profiler trace of the first seed's steps"
 
 
-def test_rematerialisation_keeps_the_gradients():
-    """trainer.remat recomputes activations in the backward pass: the same gradients, up to float rounding."""
+@pytest.mark.parametrize("policy", ["nothing", "dots"])
+def test_rematerialisation_keeps_the_gradients(policy):
+    """trainer.remat recomputes activations in the backward pass: the same gradients, up to float rounding,
+    with stochastic depth active (the recomputation must draw the same random numbers)."""
     from cltdr_jax.train import training_model
 
     tiny = [o for o in TINY_OVERRIDES if o.split("=")[0].split(".")[0] in ("model", "dataset")]
@@ -558,13 +560,14 @@ def test_rematerialisation_keeps_the_gradients():
     mask = jnp.ones((2, 320), bool).at[1, 200:].set(False)
     grads = []
     for remat in ("[]", "[gmg, heads]"):
-        overrides = [*tiny, "dataset.input_dim=8", f"trainer.remat={remat}"]
+        overrides = [*tiny, "dataset.input_dim=8", f"trainer.remat={remat}", f"trainer.remat_policy={policy}"]
         cfg = load_config(Path(__file__).parents[1] / "configs" / "thumos_i3d_focalloss.yaml", overrides)
+        assert cfg.train_cfg.droppath > 0
         model = training_model(cfg)
         params = model.init(jax.random.key(1), x, mask)["params"]
 
         def loss(p, model=model):
-            out = model.apply({"params": p}, x, mask)
+            out = model.apply({"params": p}, x, mask, deterministic=False, rngs={"droppath": jax.random.key(2)})
             keys = ("cls_logits", "start_logits", "reg_offsets", "refine_start")
             return sum(jnp.sum(jnp.square(level)) for k in keys for level in out[k])
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import flax.core.lift
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -179,11 +180,74 @@ REMAT_POLICIES = {
 }
 
 
+def checkpoint_after_cotangent(fun: Callable, policy: Callable | None = None, static_argnums: tuple[int, ...] = ()):
+    """`jax.checkpoint(fun, policy=policy)` whose backward pass recomputes only once the cotangent of its output
+    has arrived.
+
+    jax.checkpoint alone saves nothing on XLA's CPU backend: the optimization barrier it puts on the saved
+    inputs is expanded away before scheduling, so the recomputation is merged with the forward pass or run
+    early, next to it, and every activation is alive at the peak as without it (a chain of 8 blocks:
+    656 MiB of temporaries either way). Here the saved values pass through `x + anchor` in the backward pass,
+    anchor = -|0 * one element of the cotangent| (-0.0: the sum equals x bit for bit, -0.0 and NaN
+    included), a data dependence no compiler pass removes: the chain's temporaries 656 -> 224 MiB.
+    """
+
+    @partial(jax.custom_vjp, nondiff_argnums=static_argnums)
+    def wrapped(*args):
+        return fun(*args)
+
+    def forward(*args):
+        static = {i: args[i] for i in static_argnums}
+        dynamic = [a for i, a in enumerate(args) if i not in static]
+
+        def of_dynamic(*dyn):
+            it = iter(dyn)
+            return fun(*(static[i] if i in static else next(it) for i in range(len(args))))
+
+        # The residual is the VJP closure: its leaves are what the policy saves (the inputs at least).
+        return jax.vjp(jax.checkpoint(of_dynamic, policy=policy), *dynamic)
+
+    def backward(*static_residual_cotangent):
+        vjp_fn, cotangent = static_residual_cotangent[-2:]
+        floats = [c for c in jax.tree.leaves(cotangent) if jnp.issubdtype(c.dtype, jnp.inexact) and c.size]
+        if floats:
+            anchor = -jnp.abs(0.0 * jnp.ravel(floats[0])[0])
+
+            def tie(r):
+                return r + anchor.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact) else r
+
+            vjp_fn = jax.tree.map(tie, vjp_fn)
+        return tuple(vjp_fn(cotangent))
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
+def _lifted_checkpoint_after_cotangent(fn, variables=True, rngs=True, static_argnums=(), policy=None):
+    """`flax.core.lift.checkpoint` with `checkpoint_after_cotangent` in place of `jax.checkpoint`."""
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+        def rematted(variable_groups, rng_groups, *args):
+            scope = scope_fn(variable_groups, rng_groups)
+            return fn(scope, *args), repack_fn(scope)
+
+        static = tuple(i + 2 for i in static_argnums)  # after variable_groups and rng_groups
+        return checkpoint_after_cotangent(rematted, policy, static)(variable_groups, rng_groups, *args)
+
+    return flax.core.lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
 def rematerialized(module: type[nn.Module], enabled: bool, policy: str, static_argnums: tuple[int, ...] = ()):
-    """`module`, or its `nn.remat` version (same parameters; activations recomputed for the gradient)."""
+    """`module`, or a version of it whose activations the backward pass recomputes (same parameters, same
+    gradients), keeping only what `policy` saves; `static_argnums` count `self` as 0, as for `nn.remat`."""
     if not enabled:
         return module
-    return nn.remat(module, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+    return nn.transforms.lift_transform(
+        _lifted_checkpoint_after_cotangent,
+        module,
+        static_argnums=tuple(i - 1 for i in static_argnums),
+        policy=REMAT_POLICIES[policy],
+    )
 
 
 def cast(x: Array, dtype: Dtype) -> Array:

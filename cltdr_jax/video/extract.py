@@ -106,7 +106,9 @@ class I3DFeatures:
         for stream in options.streams:
             model = i3d_of(variables[stream], dtype=dtype, precision=precision)
             self.variables[stream] = jax.device_put(variables[stream])
-            self._fns[stream] = jax.jit(self._clip_fn(model, stream), compiler_options=compiler_options())
+            self._fns[stream] = jax.jit(
+                self._clip_fn(model, stream), compiler_options=compiler_options(compute_dtype=dtype)
+            )
 
     @staticmethod
     def _clip_fn(model: I3D, stream: str) -> Callable:
