@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -344,3 +345,38 @@ def test_the_anchor_of_the_late_recomputation_leaves_every_value_as_it_was():
     for c in (3.0, -7.0, 0.0, -0.0):
         anchor = -jnp.abs(0.0 * jnp.float32(c))
         assert np.asarray(x + anchor).tobytes() == np.asarray(x).tobytes()
+
+
+def test_the_global_branch_transforms_each_devices_videos_on_that_device():
+    """With the batch split over 4 (forced CPU) devices the FFT branch gathers nothing (XLA's partitioner
+    alone gathered the whole batch onto every device) and gives the values of one device, gradients too."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from cltdr_jax.model.gmg import global_branch
+        rng = np.random.default_rng(0)
+        o = rng.standard_normal((4, 64, 8)).astype(np.float32)
+        w = [rng.standard_normal((2, 8)).astype(np.float32) for _ in range(4)]
+        def loss(o, *w):
+            return jnp.sum(jnp.sin(global_branch(o, *w)))
+        grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+        mesh = jax.make_mesh((4,), ("data",))
+        split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        # As `cltdr train` places its batches: arrays whose type carries the split (an explicit mesh axis).
+        args = [jax.device_put(o, split), *(jax.device_put(x, whole) for x in w)]
+        text = jax.jit(grad).lower(*args).compile().as_text()
+        assert "all-gather" not in text and "fft(" in text
+        expected = jax.device_get(jax.jit(grad)(o, *w))
+        for a, b in zip(jax.device_get(jax.jit(grad)(*args)), expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -241,6 +241,26 @@ def test_bfloat16_trains_on_two_devices_like_one(baseline_run, tiny_dataset):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_rematerialised_training_on_four_devices_trains_like_one_device_without(baseline_run, tiny_dataset):
+    """trainer.remat on a batch sharded over 4 forced CPU devices (its recomputation waits on a reduction of a
+    sharded cotangent): the parameters of the 1-device run without it, up to summation order."""
+    root, _ = baseline_run
+    work = root / "remat_four"
+    run_train(
+        tiny_dataset,
+        work,
+        "trainer.checkpoint_every_steps=2",
+        "trainer.remat=[gmg, heads]",
+        devices=4,
+        cache=root / "cache",
+    )
+    four, _ = final_params(tiny_dataset, work)
+    one, _ = final_params(tiny_dataset, root / "baseline")
+    for a, b in zip(four, one, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def _two_hosts(config: Path, workdir: Path, cache: Path, *overrides, per_process=((), ())):
     """Starts `cltdr train` as process 0 and 1 of a two-host jax.distributed job on this machine."""
     import socket

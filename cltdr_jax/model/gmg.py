@@ -9,6 +9,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cltdr_jax.model.layers import (
     ChannelLayerNorm,
@@ -45,9 +47,25 @@ def global_branch(o: Array, w1: Array, b1: Array, w2: Array, b2: Array) -> Array
     imaginary parts separately, softshrink at the end), so it adapts to the input rather than being a
     learned per-frequency table.
 
-    Computed as [B, D, T], the layout XLA's FFT works in: in [B, T, D] every elementwise step on the
-    spectrum re-reads it through a transpose (measured 2.5x slower, forward + backward, on the CPU).
+    With the batch split over devices (`cltdr train` on several), each device transforms its own videos:
+    XLA's partitioner does not split an FFT along its batch axis, it gathers the whole batch onto every
+    device and transforms all of it there (on XLA's CPU backend the gathered operand could also reach
+    the FFT in a layout the FFT rejects, a crash under `trainer.remat`).
     """
+    sharding = jax.typeof(o).sharding
+    batch_axes = sharding.spec[0] if isinstance(sharding, NamedSharding) and len(sharding.spec) else None
+    if batch_axes is None:
+        return _global_branch(o, w1, b1, w2, b2)
+    per_video, shared = P(batch_axes), P()
+    return jax.shard_map(
+        _global_branch, mesh=sharding.mesh, in_specs=(per_video, shared, shared, shared, shared), out_specs=per_video
+    )(o, w1, b1, w2, b2)
+
+
+def _global_branch(o: Array, w1: Array, b1: Array, w2: Array, b2: Array) -> Array:
+    """`global_branch` on one device. Computed as [B, D, T], the layout XLA's FFT works in: in [B, T, D]
+    every elementwise step on the spectrum re-reads it through a transpose (measured 2.5x slower, forward +
+    backward, on the CPU)."""
     t = o.shape[1]
     spec = jnp.fft.rfft(jnp.swapaxes(o, 1, 2), axis=-1, norm="ortho")
     re, im = jnp.real(spec), jnp.imag(spec)
