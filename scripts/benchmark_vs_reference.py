@@ -2,6 +2,7 @@
 """Speed and memory of cltdr-jax against the authors' PyTorch code, measured side by side in one run.
 
     python scripts/benchmark_vs_reference.py [--rounds 2] [--parts train,infer,demo] [--out bench.json]
+    python scripts/benchmark_vs_reference.py --parts train --set trainer.remat=[gmg]   # our step with overrides
 
 Needs the reference harness set up (../shared/tools/reference/setup.sh: REF_DIR, REF_PY or their defaults).
 Every measurement is its own process, and reference and ours alternate, round after round, so that a
@@ -65,12 +66,13 @@ def ref_python() -> str:
     return os.environ.get("REF_PY", str(root / "venv" / "bin" / "python"))
 
 
-def train_round(steps: int) -> dict:
+def train_round(steps: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ref = run_json([ref_python(), str(TOOLS / "ref_bench.py"), "--what", "train", "--iters", str(steps),
                         "--warmup", "1", "--out", f"{tmp}/ref.json"])  # fmt: skip
     ours = run_json([sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--config", str(CONFIG),
-                     "--steps", str(steps), "--variants", "float32,bfloat16", "--profile"])  # fmt: skip
+                     "--steps", str(steps), "--variants", "float32,bfloat16", "--profile",
+                     *(a for o in overrides for a in ("--set", o))])  # fmt: skip
     return {"reference": ref, "ours": ours["results"]}
 
 
@@ -154,6 +156,7 @@ def main() -> None:
     parser.add_argument("--parts", default="train,infer,demo")
     parser.add_argument("--steps", type=int, default=3, help="measured train steps per process")
     parser.add_argument("--demo-epochs", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], help="config override for our train step (train part)")
     parser.add_argument("--out")
     parser.add_argument("--demo-child", nargs="+", help=argparse.SUPPRESS)  # CONFIG WORKDIR SETTING...
     args = parser.parse_args()
@@ -164,6 +167,7 @@ def main() -> None:
     report: dict = {
         "benchmark": "cltdr-jax vs the reference (authors' PyTorch code), side by side in one run",
         **machine(),
+        "our_train_overrides": args.set,
         "rounds": [],
     }
     data = None
@@ -177,7 +181,7 @@ def main() -> None:
         for r in range(args.rounds):
             one: dict = {"roofs": roofs()}
             if "train" in parts:
-                one["train"] = train_round(args.steps)
+                one["train"] = train_round(args.steps, args.set)
             if "infer" in parts:
                 one["infer"] = infer_round(5)
             if "demo" in parts:
