@@ -47,8 +47,8 @@ def compiler_options(backend: str | None = None, compute_dtype: Any = None) -> d
     if (backend or jax.default_backend()) != "cpu":
         return None
     low_precision = compute_dtype is not None and is_low_precision(compute_dtype)
-    if low_precision and cpu_has_bfloat16_arithmetic() is False:
-        _warn_emulated_bfloat16()
+    if low_precision:
+        _warn_if_bfloat16_is_emulated()
     if os.environ.get(DEFAULTS_ENV) == "1":
         return None
     flags = os.environ.get("XLA_FLAGS", "")
@@ -73,8 +73,10 @@ def cpu_has_bfloat16_arithmetic(cpuinfo: str | None = None) -> bool | None:
     return bool(flags & set(BFLOAT16_CPU_FLAGS)) if flags else None
 
 
-@functools.cache  # once per process
-def _warn_emulated_bfloat16() -> None:
+@functools.cache  # once per process: /proc/cpuinfo read once, at most one warning
+def _warn_if_bfloat16_is_emulated() -> None:
+    if cpu_has_bfloat16_arithmetic() is not False:  # has the units, or cannot tell
+        return
     log.warning(
         "this CPU has no bfloat16 arithmetic (no AVX-512 BF16, AMX or Arm BF16 in /proc/cpuinfo): bfloat16 "
         "compute is emulated here and slower than float32 (measured 1.4x the float32 train step); "

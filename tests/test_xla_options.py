@@ -57,7 +57,7 @@ def test_cpu_bfloat16_arithmetic_is_read_from_the_flags(cpuinfo, expected):
 @pytest.mark.parametrize("units", [False, True, None])
 def test_bfloat16_on_a_cpu_without_bfloat16_arithmetic_warns_once(units, monkeypatch, caplog):
     monkeypatch.setattr(xla_options, "cpu_has_bfloat16_arithmetic", lambda: units)
-    xla_options._warn_emulated_bfloat16.cache_clear()
+    xla_options._warn_if_bfloat16_is_emulated.cache_clear()
     monkeypatch.setenv(xla_options.DEFAULTS_ENV, "1")  # warned also where XLA's defaults are kept
     with caplog.at_level("WARNING", logger=xla_options.__name__):
         xla_options.compiler_options("cpu", "float32")
@@ -65,7 +65,7 @@ def test_bfloat16_on_a_cpu_without_bfloat16_arithmetic_warns_once(units, monkeyp
         for _ in range(3):
             xla_options.compiler_options("cpu", "bfloat16")
         xla_options.compiler_options("gpu", "bfloat16")
-    xla_options._warn_emulated_bfloat16.cache_clear()
+    xla_options._warn_if_bfloat16_is_emulated.cache_clear()
     messages = [r.getMessage() for r in caplog.records]
     if units is False:
         assert len(messages) == 1 and "no bfloat16 arithmetic" in messages[0]
