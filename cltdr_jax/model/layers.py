@@ -210,20 +210,45 @@ def checkpoint_after_cotangent(fun: Callable, policy: Callable | None = None, st
 
     def backward(*static_residual_cotangent):
         vjp_fn, cotangent = static_residual_cotangent[-2:]
-        floats = [c for c in jax.tree.leaves(cotangent) if jnp.issubdtype(c.dtype, jnp.inexact) and c.size]
-        if floats:
-            # A reduction, not an element: the cotangent may be sharded (batch over devices); of the
-            # smallest part of it, as it only has to exist.
-            anchor = -jnp.abs(0.0 * jnp.min(min(floats, key=lambda c: c.size)))
-
-            def tie(r):
-                return r + anchor.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact) else r
-
-            vjp_fn = jax.tree.map(tie, vjp_fn)
-        return tuple(vjp_fn(cotangent))
+        return tuple(_tied(vjp_fn, cotangent)(cotangent))
 
     wrapped.defvjp(forward, backward)
     return wrapped
+
+
+def _tied(tree: Any, to: Any) -> Any:
+    """`tree` with -|0 * min(the smallest float part of `to`)| added to its float leaves: each value stays bit
+    for bit what it was while `to` is finite, but cannot be computed before `to` exists. A reduction, not an
+    element: `to` may be sharded (batch over devices); of its smallest part, as it only has to exist."""
+    floats = [c for c in jax.tree.leaves(to) if jnp.issubdtype(c.dtype, jnp.inexact) and c.size]
+    if not floats:
+        return tree
+    anchor = -jnp.abs(0.0 * jnp.min(min(floats, key=lambda c: c.size)))
+
+    def tie(r):
+        return r + anchor.astype(r.dtype) if jnp.issubdtype(r.dtype, jnp.inexact) else r
+
+    return jax.tree.map(tie, tree)
+
+
+@jax.custom_vjp
+def backward_after(first: Any, then: Any) -> tuple[Any, Any]:
+    """`(first, then)` unchanged. In the backward pass the cotangent of `first` waits for that of `then`: a
+    `checkpoint_after_cotangent` part whose output is `first` recomputes only once the backward pass has
+    reached `then`. Used to recompute the heads one after another, not all at the same time."""
+    return first, then
+
+
+def _backward_after_fwd(first: Any, then: Any) -> tuple[tuple[Any, Any], None]:
+    return (first, then), None
+
+
+def _backward_after_bwd(_: None, cotangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    first, then = cotangents
+    return _tied(first, then), then
+
+
+backward_after.defvjp(_backward_after_fwd, _backward_after_bwd)
 
 
 def _lifted_checkpoint_after_cotangent(fn, variables=True, rngs=True, static_argnums=(), policy=None):
