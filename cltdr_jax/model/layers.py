@@ -251,6 +251,11 @@ def _backward_after_bwd(_: None, cotangents: tuple[Any, Any]) -> tuple[Any, Any]
 backward_after.defvjp(_backward_after_fwd, _backward_after_bwd)
 
 
+def one_after_another(enabled: bool, first: Any, then: Any) -> tuple[Any, Any]:
+    """`backward_after(first, then)` where recomputed parts are to be chained (`enabled`), else unchanged."""
+    return backward_after(first, then) if enabled else (first, then)
+
+
 def _lifted_checkpoint_after_cotangent(fn, variables=True, rngs=True, static_argnums=(), policy=None):
     """`flax.core.lift.checkpoint` with `checkpoint_after_cotangent` in place of `jax.checkpoint`."""
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cltdr_jax.model.decoder import ClassifierHead, HeadTrunk, PackedLevels
-from cltdr_jax.model.layers import Dtype, MaskedConv1D, Precision, constant
+from cltdr_jax.model.layers import Dtype, MaskedConv1D, Precision, constant, one_after_another, rematerialized
 
 Array = jax.Array
 
@@ -72,13 +72,16 @@ class TridentHead(nn.Module):
     empty_classes: tuple[int, ...] = ()
     dtype: Dtype = None
     precision: Precision = None
+    # trainer.remat's `heads`: each of the three heads recomputed in the backward pass, one after another.
+    remat: bool = False
+    remat_policy: str = "nothing"
 
     @nn.compact
     def __call__(
         self, fpn_feats: list[Array], reg_feats: list[Array], masks: list[Array]
     ) -> tuple[list[Array], list[Array], list[Array]]:
         def boundary(name: str) -> ClassifierHead:
-            return ClassifierHead(
+            return rematerialized(ClassifierHead, self.remat, self.remat_policy)(
                 self.head_dim,
                 self.num_classes,
                 self.boundary_kernel_size,
@@ -93,9 +96,7 @@ class TridentHead(nn.Module):
 
         # The boundary heads read the neck features with the gradient stopped (REFERENCE.md 12.14).
         detached = [jax.lax.stop_gradient(f) for f in fpn_feats]
-        start = boundary("start_head")(detached, masks)
-        end = boundary("end_head")(detached, masks)
-        offsets = CentreOffsetHead(
+        offsets = rematerialized(CentreOffsetHead, self.remat, self.remat_policy)(
             self.head_dim,
             self.num_bins,
             self.kernel_size,
@@ -105,6 +106,13 @@ class TridentHead(nn.Module):
             precision=self.precision,
             name="reg_head",
         )(reg_feats, masks)
+        # Recomputed, the backward pass runs the end head, the start head, then the centre-offset head, each
+        # once the input cotangent of the one before it exists (the cotangents of the boundary heads' inputs
+        # are computed for this alone, then dropped by the stop_gradient: one convolution each).
+        offsets, start_input = one_after_another(self.remat, offsets, detached)
+        start = boundary("start_head")(start_input, masks)
+        start, end_input = one_after_another(self.remat, start, detached)
+        end = boundary("end_head")(end_input, masks)
         return start, end, offsets
 
 
