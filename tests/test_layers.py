@@ -323,18 +323,24 @@ def test_checkpoint_after_cotangent_recomputes_late_and_keeps_the_gradients():
 
         return f
 
-    plain, ours = jax.jit(jax.grad(loss(block), argnums=(0, 1))), jax.jit(jax.grad(loss(late), argnums=(0, 1)))
-    assert float(jax.jit(loss(late))(ws, x)) == float(jax.jit(loss(block))(ws, x))
+    # Without recomputation every block keeps several [n, d] activations for the backward pass; recomputed
+    # after the cotangent, at most a few blocks' worth are alive at once.
+    _assert_same_gradients_fewer_temporaries(loss(block), loss(late), ws, x, plain_at_least=3 * depth)
+
+
+def _assert_same_gradients_fewer_temporaries(plain_loss, our_loss, ws, x, plain_at_least: int) -> None:
+    """`our_loss` equals `plain_loss` bit for bit and has its gradients (w.r.t. `ws` and `x`, up to float
+    rounding); the plain gradient's XLA temporaries exceed `plain_at_least` [n, d] activations, ours are
+    under half of them."""
+    plain, ours = (jax.jit(jax.grad(f, argnums=(0, 1))) for f in (plain_loss, our_loss))
+    assert float(jax.jit(our_loss)(ws, x)) == float(jax.jit(plain_loss)(ws, x))
     for a, b in zip(jax.tree.leaves(plain(ws, x)), jax.tree.leaves(ours(ws, x)), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
 
     def temporaries(fn):
         return fn.lower(ws, x).compile().memory_analysis().temp_size_in_bytes
 
-    one_activation = n * d * 4
-    # Without recomputation every block keeps several [n, d] activations for the backward pass; recomputed
-    # after the cotangent, at most a few blocks' worth are alive at once.
-    assert temporaries(plain) > 3 * depth * one_activation
+    assert temporaries(plain) > plain_at_least * x.size * x.dtype.itemsize
     assert temporaries(ours) < 0.5 * temporaries(plain)
 
 
@@ -366,19 +372,9 @@ def test_backward_after_recomputes_parallel_parts_one_after_another():
 
         return f
 
-    apart, chained = (jax.jit(jax.grad(loss(c), argnums=(0, 1))) for c in (False, True))
-    assert float(jax.jit(loss(True))(ws, x)) == float(jax.jit(loss(False))(ws, x))
-    for a, b in zip(jax.tree.leaves(apart(ws, x)), jax.tree.leaves(chained(ws, x)), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
-
-    def temporaries(fn):
-        return fn.lower(ws, x).compile().memory_analysis().temp_size_in_bytes
-
-    one_activation = n * d * 4
     # Apart, every part's recomputation (a few [n, d] activations each) is alive at once (measured: 41
     # activations); chained, about two parts' worth (12).
-    assert temporaries(apart) > 3 * parts * one_activation
-    assert temporaries(chained) < 0.5 * temporaries(apart)
+    _assert_same_gradients_fewer_temporaries(loss(False), loss(True), ws, x, plain_at_least=3 * parts)
 
 
 def test_the_anchor_of_the_late_recomputation_leaves_every_value_as_it_was():
