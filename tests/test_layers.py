@@ -50,7 +50,8 @@ CONV_CASES = [
     (7, 32, 20, 1, "im2col"),
     (3, 256, 20, 1, "narrow"),  # the THUMOS heads' last layers (512 -> 20)
     (7, 256, 20, 1, "narrow"),
-    (3, 128, 128, 1, "xla"),  # bfloat16: one matmul per tap (_tap_conv1d)
+    (3, 128, 128, 1, "xla"),  # bfloat16: one matmul per tap (_tap_conv1d), its own gradient
+    (5, 96, 80, 1, "xla"),
     (3, 64, 64, 2, "xla"),  # stride 2: the decoder's down-sampling
 ]
 

@@ -162,8 +162,8 @@ def run_train(
     return out
 
 
-def final_params(config: Path, workdir: Path):
-    params, meta = load_params(workdir / "checkpoints", tiny_cfg(config, "model.extend_point_buffer=true"))
+def final_params(config: Path, workdir: Path, *overrides: str):
+    params, meta = load_params(workdir / "checkpoints", tiny_cfg(config, "model.extend_point_buffer=true", *overrides))
     return jax.tree_util.tree_leaves(params), meta
 
 
@@ -230,13 +230,20 @@ def test_four_devices_train_like_one(baseline_run, tiny_dataset):
 @pytest.mark.slow
 def test_bfloat16_trains_on_two_devices_like_one(baseline_run, tiny_dataset):
     """bfloat16 compute sums its kernels' gradients over the sharded batch axis inside its own matmuls
-    (layers.matmul_f32): data parallel over 2 forced CPU devices gives the parameters of 1 device, up to
+    (layers.matmul_f32, and the per-tap convolutions' own gradient: head_dim 96 puts the heads' second
+    layers on that path): data parallel over 2 forced CPU devices gives the parameters of 1 device, up to
     summation order."""
     root, _ = baseline_run
     for devices in (1, 2):
-        run_train(tiny_dataset, root / f"bf16_{devices}", "trainer.compute_dtype=bfloat16", devices=devices)
-    two, _ = final_params(tiny_dataset, root / "bf16_2")
-    one, _ = final_params(tiny_dataset, root / "bf16_1")
+        run_train(
+            tiny_dataset,
+            root / f"bf16_{devices}",
+            "trainer.compute_dtype=bfloat16",
+            "model.head_dim=96",
+            devices=devices,
+        )
+    two, _ = final_params(tiny_dataset, root / "bf16_2", "model.head_dim=96")
+    one, _ = final_params(tiny_dataset, root / "bf16_1", "model.head_dim=96")
     for a, b in zip(two, one, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-4)
 

@@ -113,11 +113,52 @@ def _tap_conv1d(x: Array, kernel: Array, stride: int, precision: Precision = Non
     XLA's CPU convolution gains nothing from bfloat16 (it runs at the float32 rate, forward and backward);
     bfloat16 matmuls with float32 accumulation run at 1.5-2x it (see `matmul_f32`). Partial sums float32.
     """
-    k, pad = kernel.shape[0], kernel.shape[0] // 2
+    k = kernel.shape[0]
+    if stride == 1 and k % 2 == 1:
+        return _same_tap_conv1d(x, kernel, precision)
+    pad = k // 2
     t_out = (x.shape[1] + 2 * pad - k) // stride + 1
     xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
     y = sum(matmul_f32(xp[:, j : j + stride * t_out : stride], kernel[j], precision) for j in range(k))
     return y.astype(x.dtype)
+
+
+def _tap_sum(x: Array, kernel: Array, precision: Precision) -> Array:
+    """sum_j xp[t + j] @ kernel[j] (xp: x zero-padded by K//2 on both sides, K odd), in float32."""
+    k, t = kernel.shape[0], x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0)))
+    taps = kernel.astype(x.dtype)
+    return sum(
+        jnp.matmul(xp[:, j : j + t], taps[j], precision=precision, preferred_element_type=jnp.float32) for j in range(k)
+    )
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _same_tap_conv1d(x: Array, kernel: Array, precision: Precision) -> Array:
+    """`_tap_conv1d` at stride 1, odd K, with its own gradient: the input's gradient is the same correlation of
+    the incoming gradient with the kernel flipped in time and transposed, summed in float32 and rounded once.
+    Differentiated by JAX, it was the K matmul outputs each padded into place and summed in bfloat16, a loop
+    of pads and conversions that XLA's CPU backend does not vectorise: ~30 ms per [2, 4541, 512] head layer,
+    longer than one of its matmuls."""
+    return _tap_sum(x, kernel, precision).astype(x.dtype)
+
+
+def _same_tap_conv1d_fwd(x: Array, kernel: Array, precision: Precision) -> tuple[Array, tuple[Array, Array]]:
+    return _same_tap_conv1d(x, kernel, precision), (x, kernel)
+
+
+def _same_tap_conv1d_bwd(precision: Precision, saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, kernel = saved
+    k, pad, t = kernel.shape[0], kernel.shape[0] // 2, x.shape[1]
+    g = g.astype(x.dtype)
+    # y[t] = sum_j x[t + j - pad] @ W_j, so dx[s] = sum_j g[s + pad - j] @ W_j^T = sum_i gp[s + i] @ W_{K-1-i}^T.
+    dx = _tap_sum(g, jnp.transpose(kernel[::-1], (0, 2, 1)), precision).astype(x.dtype)
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+    dkernel = jnp.stack([_weight_gradient(xp[:, j : j + t], g, kernel[j], precision) for j in range(k)])
+    return dx, dkernel
+
+
+_same_tap_conv1d.defvjp(_same_tap_conv1d_fwd, _same_tap_conv1d_bwd)
 
 
 def dense(x: Array, kernel: Array, precision: Precision = None) -> Array:
@@ -158,7 +199,12 @@ def _low_precision_matmul_bwd(precision: Precision, saved: tuple[Array, Array], 
     x, w = saved
     g = g.astype(x.dtype)
     dx = jnp.matmul(g, w.astype(x.dtype).T, precision=precision, preferred_element_type=jnp.float32)
-    batch = tuple(range(x.ndim - 1))  # contract every leading axis: dw = sum over batch and time of x^T g
+    return dx.astype(x.dtype), _weight_gradient(x, g, w, precision)
+
+
+def _weight_gradient(x: Array, g: Array, w: Array, precision: Precision) -> Array:
+    """sum over every leading (batch, time) axis of x^T g, accumulated in float32, in w's dtype and placement."""
+    batch = tuple(range(x.ndim - 1))
     w_sharding = jax.typeof(w).sharding  # the batch axis may be sharded: say the sum lands where w lives
     dw = jax.lax.dot_general(
         x,
@@ -168,7 +214,7 @@ def _low_precision_matmul_bwd(precision: Precision, saved: tuple[Array, Array], 
         preferred_element_type=jnp.float32,
         out_sharding=None if w_sharding.mesh.empty else w_sharding,
     )
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dw.astype(w.dtype)
 
 
 _low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
