@@ -130,6 +130,28 @@ def test_max_pool_padding_never_wins():
     np.testing.assert_array_equal(y, [-1, -2, -4, -6])  # max(x[2t-1], x[2t], x[2t+1]) over existing indices
 
 
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+    """As torch's MaxPool1d (the reference), not JAX's even split of ties."""
+    x = np.array([1, 1, 1, 0, 2, 2, 5, 5], np.float32).reshape(1, 8, 1)
+    g = np.array([1, 10, 100, 1000], np.float32).reshape(1, 4, 1)
+    _, vjp = jax.vjp(max_pool_k3s2, jnp.asarray(x))
+    # windows {x0, x1}, {x1, x2, x3}, {x3, x4, x5}, {x5, x6, x7}: ties each time, the first index takes it
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0])[0, :, 0], [1, 10, 0, 0, 100, 0, 1000, 0])
+
+
+def test_max_pool_matches_torch_with_ties():
+    torch = pytest.importorskip("torch")
+    x = RNG.integers(-2, 3, (2, 16, 5)).astype(np.float32)  # few values: many ties
+    g = RNG.standard_normal((2, 8, 5)).astype(np.float32)
+    xt = torch.tensor(x.transpose(0, 2, 1), requires_grad=True)
+    # padding 1 with -inf, as torch pads max pooling
+    yt = torch.nn.functional.max_pool1d(xt, kernel_size=3, stride=2, padding=1)
+    yt.backward(torch.tensor(g.transpose(0, 2, 1)))
+    y, vjp = jax.vjp(max_pool_k3s2, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 1))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy().transpose(0, 2, 1))
+
+
 def test_norms_use_eps_1e5_and_biased_variance():
     x = RNG.standard_normal((2, 7, 32)).astype(np.float32) * 0.01  # small variance: eps matters
     ln = ChannelLayerNorm()

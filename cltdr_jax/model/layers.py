@@ -445,11 +445,42 @@ class UpConv(nn.Module):
         return jnp.stack([even, odd], axis=2).reshape(b, 2 * t, self.features)
 
 
+@jax.custom_vjp
 def max_pool_k3s2(x: Array) -> Array:
-    """MaxPool1d(kernel 3, stride 2, padding 1) whose padding never wins: y[t] = max(x[2t-1], x[2t], x[2t+1])."""
+    """MaxPool1d(kernel 3, stride 2, padding 1) whose padding never wins: y[t] = max(x[2t-1], x[2t], x[2t+1]).
+
+    Its gradient goes to the first element of the window holding the maximum, as torch's (the reference's)
+    does. JAX's own gradient of `maximum` splits ties evenly, a select-and-divide per element and operand:
+    the slowest elementwise work of the backward pass."""
+    prev_odd, even, odd = _pool_windows(x)
+    return jnp.maximum(jnp.maximum(prev_odd, even), odd)
+
+
+def _pool_windows(x: Array) -> tuple[Array, Array, Array]:
+    """x[2t-1] (-inf at t = 0), x[2t], x[2t+1]."""
     even, odd = x[:, 0::2], x[:, 1::2]
     prev_odd = jnp.concatenate([jnp.full_like(odd[:, :1], -jnp.inf), odd[:, :-1]], axis=1)
-    return jnp.maximum(jnp.maximum(prev_odd, even), odd)
+    return prev_odd, even, odd
+
+
+def _max_pool_k3s2_fwd(x: Array) -> tuple[Array, Array]:
+    return max_pool_k3s2(x), x
+
+
+def _max_pool_k3s2_bwd(x: Array, g: Array) -> tuple[Array]:
+    prev_odd, even, odd = _pool_windows(x)
+    y = jnp.maximum(jnp.maximum(prev_odd, even), odd)
+    zero = jnp.zeros_like(g)
+    to_prev = prev_odd == y  # scanned in index order, the first maximum wins (torch: val > max)
+    to_even = (even == y) & ~to_prev
+    to_odd = ~(to_prev | to_even)
+    d_prev = jnp.where(to_prev, g, zero)  # x[2t-1]: the odd element of window t - 1
+    d_odd = jnp.where(to_odd, g, zero) + jnp.concatenate([d_prev[:, 1:], zero[:, :1]], axis=1)
+    dx = jnp.stack([jnp.where(to_even, g, zero), d_odd], axis=2).reshape(x.shape)
+    return (dx,)
+
+
+max_pool_k3s2.defvjp(_max_pool_k3s2_fwd, _max_pool_k3s2_bwd)
 
 
 def downsample_mask(mask: Array) -> Array:
