@@ -35,6 +35,35 @@ def test_transposed_conv_matches_the_explicit_formula():
         )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_transposed_conv_gradients_match_a_float64_adjoint(dtype):
+    """The gradients of sum(y * cot) for y of the formula above; in bfloat16 of the rounded inputs, input
+    gradient to bfloat16 rounding, parameters' to float32 rounding."""
+    x = RNG.standard_normal((2, 6, 8)).astype(np.float32)
+    cot = RNG.standard_normal((2, 12, 5)).astype(np.float32)
+    layer = UpConv(5, dtype=jnp.dtype(dtype))
+    params = layer.init(jax.random.key(1), x)["params"]
+
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x).astype(jnp.float32) * cot)
+
+    gp, gx = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x, dtype))
+    low = dtype == "bfloat16"
+    k = np.asarray(params["kernel"], np.float32)
+    x64, k64, cot64 = ((_bf16(a) if low else a).astype(np.float64) for a in (x, k, cot))
+    even, odd = cot64[:, 0::2], cot64[:, 1::2]
+    odd_before = np.concatenate([np.zeros_like(odd[:, :1]), odd[:, :-1]], axis=1)  # cot[2j - 1]
+    gx64 = even @ k64[1].T + odd @ k64[2].T + odd_before @ k64[0].T
+    x_next = np.concatenate([x64[:, 1:], np.zeros_like(x64[:, :1])], axis=1)
+    gk64 = np.stack(
+        [np.einsum("bti,bto->io", x_next, odd), np.einsum("bti,bto->io", x64, even), np.einsum("bti,bto->io", x64, odd)]
+    )
+    tol = 2e-2 if low else 1e-5
+    np.testing.assert_allclose(np.asarray(gx, np.float32), gx64, rtol=tol, atol=tol * np.abs(gx64).max())
+    np.testing.assert_allclose(gp["kernel"], gk64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gp["bias"], cot64.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
 def _correlate64(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
     """Zero-padded (K//2) 1-D correlation in float64: y[t] = sum_j x[stride t + j - K//2] @ kernel[j]."""
     k, pad = kernel.shape[0], kernel.shape[0] // 2
