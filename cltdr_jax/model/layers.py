@@ -113,24 +113,17 @@ def _tap_conv1d(x: Array, kernel: Array, stride: int, precision: Precision = Non
     XLA's CPU convolution gains nothing from bfloat16 (it runs at the float32 rate, forward and backward);
     bfloat16 matmuls with float32 accumulation run at 1.5-2x it (see `matmul_f32`). Partial sums float32.
     """
-    k = kernel.shape[0]
-    if stride == 1 and k % 2 == 1:
+    if stride == 1 and kernel.shape[0] % 2 == 1:
         return _same_tap_conv1d(x, kernel, precision)
-    pad = k // 2
+    return _tap_sum(x, kernel, stride, precision).astype(x.dtype)
+
+
+def _tap_sum(x: Array, kernel: Array, stride: int, precision: Precision) -> Array:
+    """sum_j xp[stride * t + j] @ kernel[j] (xp: x zero-padded by K//2 on both sides), in float32."""
+    k, pad = kernel.shape[0], kernel.shape[0] // 2
     t_out = (x.shape[1] + 2 * pad - k) // stride + 1
     xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
-    y = sum(matmul_f32(xp[:, j : j + stride * t_out : stride], kernel[j], precision) for j in range(k))
-    return y.astype(x.dtype)
-
-
-def _tap_sum(x: Array, kernel: Array, precision: Precision) -> Array:
-    """sum_j xp[t + j] @ kernel[j] (xp: x zero-padded by K//2 on both sides, K odd), in float32."""
-    k, t = kernel.shape[0], x.shape[1]
-    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0)))
-    taps = kernel.astype(x.dtype)
-    return sum(
-        jnp.matmul(xp[:, j : j + t], taps[j], precision=precision, preferred_element_type=jnp.float32) for j in range(k)
-    )
+    return sum(matmul_f32(xp[:, j : j + stride * t_out : stride], kernel[j], precision) for j in range(k))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -140,7 +133,7 @@ def _same_tap_conv1d(x: Array, kernel: Array, precision: Precision) -> Array:
     Differentiated by JAX, it was the K matmul outputs each padded into place and summed in bfloat16, a loop
     of pads and conversions that XLA's CPU backend does not vectorise: ~30 ms per [2, 4541, 512] head layer on
     one thread, longer than one of its matmuls."""
-    return _tap_sum(x, kernel, precision).astype(x.dtype)
+    return _tap_sum(x, kernel, 1, precision).astype(x.dtype)
 
 
 def _same_tap_conv1d_fwd(x: Array, kernel: Array, precision: Precision) -> tuple[Array, tuple[Array, Array]]:
@@ -152,7 +145,7 @@ def _same_tap_conv1d_bwd(precision: Precision, saved: tuple[Array, Array], g: Ar
     k, pad, t = kernel.shape[0], kernel.shape[0] // 2, x.shape[1]
     g = g.astype(x.dtype)
     # y[t] = sum_j x[t + j - pad] @ W_j, so dx[s] = sum_j g[s + pad - j] @ W_j^T = sum_i gp[s + i] @ W_{K-1-i}^T.
-    dx = _tap_sum(g, jnp.transpose(kernel[::-1], (0, 2, 1)), precision).astype(x.dtype)
+    dx = _tap_sum(g, jnp.transpose(kernel[::-1], (0, 2, 1)), 1, precision).astype(x.dtype)
     xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
     dkernel = jnp.stack([_weight_gradient(xp[:, j : j + t], g, kernel[j], precision) for j in range(k)])
     return dx, dkernel
