@@ -2,8 +2,8 @@
 
 The training step draws the input noise (`model.input_noise`: 9.4 M normals per THUMOS batch) this way. JAX
 lowers its Threefry-2x32 hash on the CPU as a loop over its five groups of four rounds (to compile faster),
-and each trip reads and writes two [B, T, C] uint32 arrays: 133 ms per THUMOS batch on two threads, 173 ms
-on one (AMD EPYC Zen 4, 2026-12-07). Written out here, XLA fuses the 20 rounds, the uniform and erf_inv into
+and each trip reads and writes two [B, T, C] uint32 arrays: 133 ms per THUMOS batch on two threads, 173-281
+ms on one (AMD EPYC Zen 4, 2026-12-07). Written out here, XLA fuses the 20 rounds, the uniform and erf_inv into
 the one loop that adds the noise: 38.5 / 58.6 ms. The hash is Threefry-2x32 with 20 rounds (Salmon et al.,
 "Parallel random numbers: as easy as 1, 2, 3", SC 2011); keys and counters are laid out as JAX lays out
 partitionable bits (`jax_threefry_partitionable`, JAX's default): element i hashes the counter (0, i) and
