@@ -98,13 +98,17 @@ def _narrow_conv1d(x: Array, kernel: Array, precision: Precision = None) -> Arra
     shifted adds is 2-4x faster. Only the summation order differs; partial sums stay float32.
     """
     k, i, o = kernel.shape
-    t, pad = x.shape[1], k // 2
     z = matmul_f32(x, jnp.transpose(kernel, (1, 0, 2)).reshape(i, k * o), precision)
-    z = jnp.pad(z, ((0, 0), (pad, pad), (0, 0)))
-    y = z[:, 0:t, 0:o]
-    for j in range(1, k):
-        y = y + z[:, j : j + t, j * o : (j + 1) * o]
-    return y.astype(x.dtype)
+    products = [z[..., j * o : (j + 1) * o] for j in range(k)]
+    return _shifted_sum(products, [j - k // 2 for j in range(k)]).astype(x.dtype)
+
+
+def _shifted_sum(parts: list[Array], offsets: list[int]) -> Array:
+    """out[:, t] = sum_j parts[j][:, t + offsets[j]], zero where t + offsets[j] falls outside the time axis."""
+    reach = max(abs(o) for o in offsets)
+    t = parts[0].shape[1]
+    padded = [jnp.pad(z, ((0, 0), (reach, reach), (0, 0))) for z in parts]
+    return sum(z[:, reach + o : reach + o + t] for z, o in zip(padded, offsets, strict=True))
 
 
 def _tap_conv1d(x: Array, kernel: Array, stride: int, precision: Precision = None) -> Array:
@@ -138,14 +142,6 @@ def _same_tap_conv1d(x: Array, kernel: Array, precision: Precision) -> Array:
     k, pad = kernel.shape[0], kernel.shape[0] // 2
     products = [matmul_f32(x, kernel[j], precision) for j in range(k)]
     return _shifted_sum(products, [j - pad for j in range(k)]).astype(x.dtype)
-
-
-def _shifted_sum(parts: list[Array], offsets: list[int]) -> Array:
-    """out[:, t] = sum_j parts[j][:, t + offsets[j]], zero where t + offsets[j] falls outside the time axis."""
-    reach = max(abs(o) for o in offsets)
-    t = parts[0].shape[1]
-    padded = [jnp.pad(z, ((0, 0), (reach, reach), (0, 0))) for z in parts]
-    return sum(z[:, reach + o : reach + o + t] for z, o in zip(padded, offsets, strict=True))
 
 
 def _same_tap_conv1d_fwd(x: Array, kernel: Array, precision: Precision) -> tuple[Array, tuple[Array, Array]]:
