@@ -51,6 +51,22 @@ def peak_device_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def synthetic_batch(cfg, slots: int = 16) -> dict:
+    """One training batch of the config's shape: random features, `slots` random segments per video."""
+    import numpy as np
+
+    b, t, d = cfg.loader.batch_size, cfg.dataset.max_seq_len, cfg.dataset.input_dim
+    rng = np.random.default_rng(0)
+    starts = rng.uniform(0, t - 200, (b, slots))
+    return {
+        "feats": rng.standard_normal((b, t, d)).astype(np.float32),
+        "mask": np.ones((b, t), bool),
+        "segments": np.stack([starts, starts + rng.uniform(5, 150, (b, slots))], -1).astype(np.float32),
+        "labels": rng.integers(0, cfg.dataset.num_classes, (b, slots)).astype(np.int32),
+        "segment_mask": np.ones((b, slots), bool),
+    }
+
+
 def run_variant(
     config: str, variant: str, steps: int, overrides: tuple[str, ...] = (), profile: bool = False, slots: int = 16
 ) -> dict:
@@ -82,16 +98,7 @@ def run_variant(
     tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
     step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
     state = create_state(cfg, model, tx, 0, replicated)
-    rng = np.random.default_rng(0)
-    starts = rng.uniform(0, t - 200, (b, slots))
-    batch = {
-        "feats": rng.standard_normal((b, t, d)).astype(np.float32),
-        "mask": np.ones((b, t), bool),
-        "segments": np.stack([starts, starts + rng.uniform(5, 150, (b, slots))], -1).astype(np.float32),
-        "labels": rng.integers(0, cfg.dataset.num_classes, (b, slots)).astype(np.int32),
-        "segment_mask": np.ones((b, slots), bool),
-    }
-    batch = jax.device_put(batch, data)
+    batch = jax.device_put(synthetic_batch(cfg, slots), data)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

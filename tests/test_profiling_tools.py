@@ -1,5 +1,5 @@
 """The profiling scripts' readings: model parts from op names (hand-written cases) and the live-memory replay
-of XLA's buffer assignment on a program whose peak is known."""
+of XLA's buffer assignment on a program whose peak is known, and the resident memory `memory_stages.py` reads."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import memory_stages  # noqa: E402
 import xla_memory  # noqa: E402
 import xla_profile  # noqa: E402
 
@@ -58,3 +59,16 @@ def test_memory_replay_sees_two_matrices_alive_together(tmp_path):
     two_matrices = 2 * 1024 * 1024 * 4 / 2**30
     assert report["peak_live_gb"] >= two_matrices - 1e-3
     assert report["peak_live_gb"] <= report["temp_arena_gb"] + 1e-3
+
+
+def test_memory_stages_sees_an_allocation():
+    """64 MiB written through numpy show up in the process's anonymous resident size and in malloc's count."""
+    import numpy as np
+
+    before = memory_stages._resident()
+    block = np.ones(64 * 2**20 // 8)
+    after = memory_stages._resident()
+    assert 0.055 < after["RssAnon"] - before["RssAnon"] < 0.075, (before, after)
+    if before["malloc_in_use"] is not None:  # glibc 2.33+
+        assert 0.055 < after["malloc_in_use"] - before["malloc_in_use"] < 0.075, (before, after)
+    del block
