@@ -78,7 +78,7 @@ def main() -> None:
         return_freed_memory,
         training_model,
     )
-    from cltdr_jax.xla_cache import enable_persistent_cache
+    from cltdr_jax.xla_cache import compile_counts, enable_persistent_cache
 
     if args.cache:
         enable_persistent_cache(args.cache)
@@ -93,8 +93,9 @@ def main() -> None:
     stage("freed memory returned")
     batch = jax.device_put(synthetic_batch(cfg), data)
     stage("batch placed")
+    loaded_before = compile_counts()["cache_hits"]
     compiled = step_fn.lower(state, batch).compile()
-    stage("step compiled" + (" or loaded from the cache" if args.cache else ""))
+    stage("step loaded from the cache" if compile_counts()["cache_hits"] > loaded_before else "step compiled")
     analysis = compiled.memory_analysis()
     return_freed_memory()
     stage("freed memory returned")
