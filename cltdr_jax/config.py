@@ -168,8 +168,9 @@ class TrainerConfig:
     # (TF32 convolutions on A100 / H100 / H200); on a CPU it is the same arithmetic as "highest".
     precision: str = "default"
     # Recompute these parts' activations in the backward pass instead of keeping them (less memory, more
-    # compute): gmg (each GMG block), heads (classification, Trident and refine heads); remat_policy says
-    # what they keep: nothing, or dots (the matmul outputs).
+    # compute): gmg (each GMG block), heads (classification, Trident and refine heads), fusion (the decoupled
+    # and cross-level fusions feeding the heads); remat_policy says what they keep: nothing, or dots (the
+    # matmul outputs).
     remat: tuple[str, ...] = ()
     remat_policy: str = "nothing"
     ema_decay: float = 0.999
@@ -494,8 +495,8 @@ def _derive(cfg: Config, source: str) -> Config:
             f"{list(m.backbone_arch)} builds {m.backbone_arch[2] + 1} levels"
         )
     for part in cfg.trainer.remat:
-        if part not in ("gmg", "heads"):
-            fail(f"trainer.remat: unknown part {part!r} (gmg, heads)")
+        if part not in ("gmg", "heads", "fusion"):
+            fail(f"trainer.remat: unknown part {part!r} (gmg, heads, fusion)")
     for branch in m.gmg_branches:
         if branch not in ("instant", "local", "global"):
             fail(f"model.gmg_branches: unknown branch {branch!r} (instant, local, global)")

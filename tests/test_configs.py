@@ -118,6 +118,9 @@ def test_overrides():
         load_config(path, ["model.embd_dim=wide"])
     with pytest.raises(ConfigError, match="embd_dimm"):
         load_config(path, ["model.embd_dimm=256"])
+    assert load_config(path, ["trainer.remat=[gmg, heads, fusion]"]).trainer.remat == ("gmg", "heads", "fusion")
+    with pytest.raises(ConfigError, match=r"trainer.remat: unknown part 'neck' \(gmg, heads, fusion\)"):
+        load_config(path, ["trainer.remat=[gmg, neck]"])
 
 
 # ---------------------------------------------------------------------------------------------------

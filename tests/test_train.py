@@ -258,7 +258,7 @@ def test_rematerialised_training_on_four_devices_trains_like_one_device_without(
         tiny_dataset,
         work,
         "trainer.checkpoint_every_steps=2",
-        "trainer.remat=[gmg, heads]",
+        "trainer.remat=[gmg, heads, fusion]",
         devices=4,
         cache=root / "cache",
     )
@@ -586,7 +586,7 @@ def test_rematerialisation_keeps_the_gradients(policy):
     x = jax.random.normal(jax.random.key(0), (2, 320, 8))
     mask = jnp.ones((2, 320), bool).at[1, 200:].set(False)
     grads = []
-    for remat in ("[]", "[gmg, heads]"):
+    for remat in ("[]", "[gmg, heads, fusion]"):
         overrides = [*tiny, "dataset.input_dim=8", f"trainer.remat={remat}", f"trainer.remat_policy={policy}"]
         cfg = load_config(Path(__file__).parents[1] / "configs" / "thumos_i3d_focalloss.yaml", overrides)
         assert cfg.train_cfg.droppath > 0
@@ -599,5 +599,7 @@ def test_rematerialisation_keeps_the_gradients(policy):
             return sum(jnp.sum(jnp.square(level)) for k in keys for level in out[k])
 
         grads.append(jax.jit(jax.grad(loss))(params))
+    # the same parameter names, so checkpoints move between runs with and without it
+    assert jax.tree_util.tree_structure(grads[0]) == jax.tree_util.tree_structure(grads[1])
     for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1]), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-12)

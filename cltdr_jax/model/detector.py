@@ -40,7 +40,8 @@ class CLTDRGMG(nn.Module):
     dtype: Dtype = jnp.float32
     precision: Precision = "highest"
     # Parts whose activations the backward pass recomputes instead of keeping (`trainer.remat`): "gmg" (each
-    # GMG block), "heads" (the classification, Trident and refine heads); `remat_policy` what they keep.
+    # GMG block), "heads" (the classification, Trident and refine heads), "fusion" (the two decoupled fusions
+    # and the cross-level fusion that feed the heads); `remat_policy` what they keep.
     remat: tuple[str, ...] = ()
     remat_policy: str = "nothing"
 
@@ -59,9 +60,11 @@ class CLTDRGMG(nn.Module):
         def head(module: type[nn.Module]) -> type[nn.Module]:
             return rematerialized(module, heads, self.remat_policy)
 
-        cls_feats = DecoupledFusion(m.cls_fusion_levels, m.fusion, **c, name="decls")(fpn)
-        reg_feats = DecoupledFusion(m.reg_fusion_levels, m.fusion, **c, name="dereg")(fpn)
-        cross_feats = CrossLevelFusion(**c, name="cross_level")(fpn)
+        fusion = "fusion" in self.remat
+        decoupled = rematerialized(DecoupledFusion, fusion, self.remat_policy)
+        cls_feats = decoupled(m.cls_fusion_levels, m.fusion, **c, name="decls")(fpn)
+        reg_feats = decoupled(m.reg_fusion_levels, m.fusion, **c, name="dereg")(fpn)
+        cross_feats = rematerialized(CrossLevelFusion, fusion, self.remat_policy)(**c, name="cross_level")(fpn)
 
         coarse = head(ClassifierHead)(
             m.head_dim,
