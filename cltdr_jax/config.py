@@ -450,6 +450,9 @@ def resolve_config(path: str | Path) -> Path:
     )
 
 
+# trainer.remat: the model parts whose activations can be recomputed (model/detector.py).
+REMAT_PARTS = ("gmg", "heads", "fusion")
+
 _CHOICES = {
     "model.backbone_type": ("SGP",),
     "model.fpn_type": ("identity",),
@@ -495,8 +498,8 @@ def _derive(cfg: Config, source: str) -> Config:
             f"{list(m.backbone_arch)} builds {m.backbone_arch[2] + 1} levels"
         )
     for part in cfg.trainer.remat:
-        if part not in ("gmg", "heads", "fusion"):
-            fail(f"trainer.remat: unknown part {part!r} (gmg, heads, fusion)")
+        if part not in REMAT_PARTS:
+            fail(f"trainer.remat: unknown part {part!r} ({', '.join(REMAT_PARTS)})")
     for branch in m.gmg_branches:
         if branch not in ("instant", "local", "global"):
             fail(f"model.gmg_branches: unknown branch {branch!r} (instant, local, global)")

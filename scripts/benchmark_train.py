@@ -67,6 +67,18 @@ def synthetic_batch(cfg, slots: int = 16) -> dict:
     }
 
 
+def train_step_and_state(cfg):
+    """The training step as `cltdr train` builds it (jitted, not yet compiled), a fresh train state placed on
+    the mesh, and the sharding a batch goes to."""
+    from cltdr_jax.optim import make_optimizer
+    from cltdr_jax.train import compile_train_step, create_state, make_mesh, make_train_step, training_model
+
+    model = training_model(cfg)
+    tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
+    step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
+    return step_fn, create_state(cfg, model, tx, 0, replicated), data
+
+
 def run_variant(
     config: str, variant: str, steps: int, overrides: tuple[str, ...] = (), profile: bool = False, slots: int = 16
 ) -> dict:
@@ -78,15 +90,7 @@ def run_variant(
 
     from cltdr_jax.config import load_config
     from cltdr_jax.convert import count_params
-    from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import (
-        compile_train_step,
-        create_state,
-        make_mesh,
-        make_train_step,
-        return_freed_memory,
-        training_model,
-    )
+    from cltdr_jax.train import return_freed_memory
     from cltdr_jax.xla_options import compiler_options
 
     variant = variant.removesuffix(XLA_DEFAULTS)  # the environment says it (main sets DEFAULTS_ENV)
@@ -94,10 +98,7 @@ def run_variant(
     sets = [f"trainer.compute_dtype={dtype}", *([f"trainer.precision={precision}"] if precision else []), *overrides]
     cfg = load_config(config, sets)
     b, t, d = cfg.loader.batch_size, cfg.dataset.max_seq_len, cfg.dataset.input_dim
-    model = training_model(cfg)
-    tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
-    step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
-    state = create_state(cfg, model, tx, 0, replicated)
+    step_fn, state, data = train_step_and_state(cfg)
     batch = jax.device_put(synthetic_batch(cfg, slots), data)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()

@@ -19,7 +19,7 @@ import gc
 import json
 from pathlib import Path
 
-from benchmark_train import synthetic_batch
+from benchmark_train import synthetic_batch, train_step_and_state
 from machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--cache", help="JAX's persistent compilation cache directory")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
 
     stages: list[dict] = []
 
@@ -69,25 +71,15 @@ def main() -> None:
     import jax
 
     from cltdr_jax.config import load_config
-    from cltdr_jax.optim import make_optimizer
-    from cltdr_jax.train import (
-        compile_train_step,
-        create_state,
-        make_mesh,
-        make_train_step,
-        return_freed_memory,
-        training_model,
-    )
+    from cltdr_jax.train import return_freed_memory
     from cltdr_jax.xla_cache import compile_counts, enable_persistent_cache
 
     if args.cache:
         enable_persistent_cache(args.cache)
     stage("imports")
     cfg = load_config(args.config, args.overrides)
-    model = training_model(cfg)
-    tx, schedule = make_optimizer(cfg, steps_per_epoch=100)
-    step_fn, replicated, data = compile_train_step(cfg, make_train_step(cfg, model, tx, schedule), make_mesh())
-    state = jax.block_until_ready(create_state(cfg, model, tx, 0, replicated))
+    step_fn, state, data = train_step_and_state(cfg)
+    jax.block_until_ready(state)
     stage("state initialised")
     return_freed_memory()
     stage("freed memory returned")
