@@ -49,10 +49,16 @@ def video_detections(
     segs = np.concatenate([c.segments for c in cands]).astype(np.float32)
     scores = np.concatenate([c.scores for c in cands]).astype(np.float32)
     labels = np.concatenate([c.labels for c in cands])
+    return soft_nms(Detections(segs, scores, labels), test_cfg)
+
+
+def soft_nms(candidates: Detections, test_cfg: TestConfig) -> Detections:
+    """Soft-NMS of a video's candidates with the config's settings (sigma, score floor, count, per class or
+    not, box voting)."""
     segs, scores, labels = batched_nms(
-        segs,
-        scores,
-        labels,
+        candidates.segments,
+        candidates.scores,
+        candidates.labels,
         sigma=test_cfg.nms_sigma,
         min_score=test_cfg.min_score,
         max_num=test_cfg.max_seg_num,

@@ -60,8 +60,7 @@ from cltdr_jax.config import load_config  # noqa: E402
 from cltdr_jax.convert import count_params  # noqa: E402
 from cltdr_jax.inference import Predictor, pad_features  # noqa: E402
 from cltdr_jax.model.detector import CLTDRGMG  # noqa: E402
-from cltdr_jax.nms import batched_nms  # noqa: E402
-from cltdr_jax.postprocess import level_candidates, video_detections  # noqa: E402
+from cltdr_jax.postprocess import Detections, level_candidates, soft_nms, video_detections  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "thumos_small"
 
@@ -93,28 +92,18 @@ def time_fixture_nms(cfg, repeats: int) -> dict | None:
         return None
     ref = np.load(path)
     vid = str(ref["test/video_ids"][-1])
-    segs, scores, labels = (ref[f"test/{vid}/cand_{k}"] for k in ("segments", "scores", "labels"))
-    t = cfg.test_cfg
+    candidates = Detections(*(ref[f"test/{vid}/cand_{k}"] for k in ("segments", "scores", "labels")))
 
     def run():
-        return batched_nms(
-            segs,
-            scores,
-            labels,
-            sigma=t.nms_sigma,
-            min_score=t.min_score,
-            max_num=t.max_seg_num,
-            multiclass=t.multiclass_nms,
-            voting_thresh=t.voting_thresh,
-        )
+        return soft_nms(candidates, cfg.test_cfg)
 
     run()
     seconds, _ = median_time(run, repeats)
     return {
         "video": vid,
-        "candidates": len(scores),
-        "classes": int(len(np.unique(labels))),
-        "detections": len(run()[1]),
+        "candidates": len(candidates),
+        "classes": int(len(np.unique(candidates.labels))),
+        "detections": len(run()),
         "soft_nms_s": seconds,
     }
 
