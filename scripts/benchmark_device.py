@@ -9,6 +9,8 @@ Measures, each its own process where peak memory matters:
     (`trainer.precision: default`: TF32-class convolutions on a GPU) and bfloat16 compute (float32 state):
     median step time after compilation, XLA's FLOPs per step, peak device memory (`memory_stats`); and
     the training default again with `trainer.remat: [gmg]` (what recomputing the GMG blocks costs there);
+    and the training default and bfloat16 with the convolutions in their other form (`CLTDR_CONV_FORMS`:
+    on a GPU the CPU's rewritten forms, on a CPU XLA's own convolution), to show which is faster there;
   * inference of one video at T = 2304 and 4608 (`Predictor.network`: pad, run, read back), float32 at
     `highest` (the prediction default) and bfloat16;
   * a whole split end to end: 200 videos with THUMOS14-like lengths (durations drawn by `cltdr synth`'s
@@ -223,14 +225,23 @@ def main() -> None:
     train_cmd = [sys.executable, str(REPO / "scripts" / "benchmark_train.py"), "--config", args.config]
     train_cmd += ["--steps", str(1 if small else 10)]
 
-    def train(*options: str) -> list[dict]:
-        done = subprocess.run([*train_cmd, *options], capture_output=True, text=True, check=True)
+    def train(*options: str, env: dict[str, str] | None = None) -> list[dict]:
+        done = subprocess.run(
+            [*train_cmd, *options], capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}
+        )
         return json.loads(done.stdout)["results"]
 
     report["train"] = train("--variants", "float32:highest,float32:default,bfloat16:default")
     # What recomputing the GMG blocks (trainer.remat) costs and saves on this device: the training default's
     # step with it (the CPU: +2-4 % time, XLA's temporaries 1.17 -> 0.81 GB; README, Memory).
     report["train_remat_gmg"] = train("--variants", "float32:default", "--set", "trainer.remat=[gmg]")
+    # The convolutions in the other form (layers.rewritten_conv_forms): on a GPU the CPU's rewritten forms
+    # (bfloat16 as one matmul per kernel tap, ...), on a CPU XLA's own convolution: which is faster here.
+    other = "xla" if jax.default_backend() == "cpu" else "rewritten"
+    report["train_other_conv_forms"] = {
+        "CLTDR_CONV_FORMS": other,
+        "results": train("--variants", "float32:default,bfloat16:default", env={"CLTDR_CONV_FORMS": other}),
+    }
     report["inference"] = inference(args.config, lengths, repeats)
     report["split"] = split(args.config, 12 if small else 200, 60.0 if small else None)
     report["reference"] = reference_cuda("configs/thumos_i3d_focalloss.yaml", lengths, repeats)

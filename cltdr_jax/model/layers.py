@@ -12,6 +12,7 @@ lets a GPU use TF32, as the reference's own GPU training does, and is the same a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -49,24 +50,41 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-# How conv1d computes a stride-1 convolution (odd kernel K, C_in -> C_out), chosen by shape; measured
-# forward + backward on XLA's CPU backend (2 cores), against its own convolution:
+# How conv1d computes a stride-1 convolution (odd kernel K, C_in -> C_out) on the CPU, chosen by shape;
+# measured forward + backward on XLA's CPU backend (2 cores), against its own convolution:
 IM2COL_MAX_DEPTH = 256  # K * C_in up to this: one matmul over the K shifted copies side by side (the demo's
 #                         64-channel heads: XLA's convolution and its gradient are ~2x slower there)
 NARROW_CONV_MAX_OUT = 64  # C_out up to this with C_in >= NARROW_CONV_MIN_IN: one matmul against the taps side
 NARROW_CONV_MIN_IN = 256  # by side, then K shifted adds (the THUMOS heads' 512 -> 20 layers)
+# Where those forms (and `_tap_conv1d` for low precision) apply: "auto" on the CPU only, where they were
+# measured; a GPU or TPU gets XLA's own convolution (cuDNN on a GPU, as the reference's torch uses).
+# "rewritten" or "xla" forces either anywhere (to measure one against the other on a device).
+CONV_FORMS_ENV = "CLTDR_CONV_FORMS"
+
+
+def rewritten_conv_forms() -> bool:
+    """Whether conv1d takes the forms measured on the CPU (`CLTDR_CONV_FORMS`: auto, rewritten or xla). Read
+    when a program is traced, for the backend it compiles for (JAX's default: the one it runs on)."""
+    choice = os.environ.get(CONV_FORMS_ENV, "auto")
+    if choice not in ("auto", "rewritten", "xla"):
+        raise ValueError(f"{CONV_FORMS_ENV}={choice!r}: expected auto, rewritten or xla")
+    return choice == "rewritten" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
 def conv1d(x: Array, kernel: Array, stride: int = 1, precision: Precision = None) -> Array:
-    """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O]."""
+    """Zero-padded 1-D correlation, padding K//2 on both sides. x [B, T, I], kernel [K, I, O] -> [B, T/stride, O].
+
+    On the CPU some shapes and low-precision dtypes are computed in a rewritten form (the same products,
+    another summation order; `rewritten_conv_forms`), elsewhere by XLA's convolution."""
     k, i, out = kernel.shape
-    if stride == 1 and k > 1 and k % 2 == 1:
-        if k * i <= IM2COL_MAX_DEPTH:
-            return _im2col_conv1d(x, kernel, precision)
-        if out <= NARROW_CONV_MAX_OUT and i >= NARROW_CONV_MIN_IN:
-            return _narrow_conv1d(x, kernel, precision)
-    if is_low_precision(x.dtype):
-        return _tap_conv1d(x, kernel, stride, precision)
+    if rewritten_conv_forms():
+        if stride == 1 and k > 1 and k % 2 == 1:
+            if k * i <= IM2COL_MAX_DEPTH:
+                return _im2col_conv1d(x, kernel, precision)
+            if out <= NARROW_CONV_MAX_OUT and i >= NARROW_CONV_MIN_IN:
+                return _narrow_conv1d(x, kernel, precision)
+        if is_low_precision(x.dtype):
+            return _tap_conv1d(x, kernel, stride, precision)
     return jax.lax.conv_general_dilated(
         x,
         kernel.astype(x.dtype),
