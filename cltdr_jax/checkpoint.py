@@ -28,8 +28,18 @@ ITEMS = ("params", "train_state", "meta")
 STATE_LAYOUT = "train_state_layout"  # meta's key for the packed training state's [path, dtype, shape] per leaf
 
 
-def manager(directory: str | Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+def manager(directory: str | Path, max_to_keep: int | None = None, asynchronous: bool = False) -> ocp.CheckpointManager:
+    """The orbax manager of a checkpoint folder. `asynchronous` (training's): a save returns once its arrays
+    are on the host, and orbax writes them in a background thread (each save first waits for the one
+    before; `close` waits for the last). Either way a step's folder appears only when it is complete (orbax
+    writes into a temporary folder and renames it), and an asynchronous manager removes the temporary folders
+    a killed run left behind."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=asynchronous,
+    )
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
         "train_state": ocp.StandardCheckpointHandler(),
@@ -127,18 +137,25 @@ def place_leaves(abstract: Any, leaves: dict[str, np.ndarray], where: str, fitti
 
 def save_training(mngr: ocp.CheckpointManager, state: Any, meta: dict[str, Any]) -> None:
     """Writes a training state (train.TrainState) as the checkpoint of its step: its EMA weights as `params`,
-    the whole state packed as `train_state`, `meta` with the packing's layout."""
-    packed, layout = pack_state(state)
+    the whole state packed as `train_state`, `meta` with the packing's layout.
+
+    With an asynchronous manager the files are written after this returns, from host copies of the arrays
+    made here: on a CPU a device array read into numpy is a view of its buffer, which the next steps reuse
+    (the state is donated) or, while a view lives, cannot. Saving the THUMOS state so holds training up for
+    0.2-0.4 s instead of 0.6-1.4 s, the demo's for 0.04-0.09 s instead of 0.13-0.26 s (2-core AMD EPYC Zen 4,
+    2026-12-07).
+    """
+    packed, layout = pack_state(state)  # new host arrays (concatenated)
+    ema_params = jax.tree_util.tree_map(np.array, jax.device_get(state.ema_params))  # np.array copies
     mngr.save(
         int(state.step),
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(jax.device_get(state.ema_params)),
+            params=ocp.args.StandardSave(ema_params),
             train_state=ocp.args.StandardSave(packed),
             meta=ocp.args.JsonSave({**meta, STATE_LAYOUT: layout}),
         ),
         force=True,
     )
-    mngr.wait_until_finished()
 
 
 def _read_packed_state(

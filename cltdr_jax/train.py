@@ -385,6 +385,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, profile_dir: str | Path
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         trace.after(step)
         if not np.isfinite(metrics["final_loss"]) or not np.isfinite(metrics["grad_norm"]):
+            mngr.wait_until_finished()  # the checkpoint being written is good: let it finish first
             last = mngr.latest_step()
             raise TrainingError(
                 f"non-finite loss at step {step} (epoch {(step - 1) // batches.steps_per_epoch + 1}): "
@@ -398,7 +399,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, profile_dir: str | Path
     # The host never waits for the step it just dispatched: it assembles the next batch (on the device before
     # the current step ends) and reads the metrics of the step before, which is done by then. A step's
     # metrics are read at once only where a checkpoint or an evaluation needs the step known to be finite.
-    with scalars, _closing(iterator), trace:
+    # However the loop ends (a non-finite loss, an interrupt), the checkpoint being written is finished.
+    with scalars, _closing(iterator), trace, _closing(mngr):
         pending = None  # (step, metrics on the device, dispatch time) of the last step not yet read back
         batch = global_batch(next(iterator), data_sharding) if start_step < total_steps else None
         if batch is not None:
@@ -435,7 +437,6 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, profile_dir: str | Path
         final = (
             _evaluate_and_log(cfg, state, total_steps, batches.steps_per_epoch, scalars, predictor) if primary else None
         )
-    mngr.close()
     detections = final.pop("detections") if final else None
     summary = {
         "workdir": str(workdir),
@@ -516,7 +517,7 @@ def restore_latest_readable(
     step before it is used.
     """
     directory = workdir / "checkpoints"
-    mngr = ckpt.manager(directory, max_to_keep=keep)
+    mngr = ckpt.manager(directory, max_to_keep=keep, asynchronous=True)
     unreadable = []
     restored = None
     for step in sorted(mngr.all_steps(), reverse=True):
@@ -554,7 +555,7 @@ def restore_latest_readable(
         ", ".join(map(str, unreadable)),
         aside,
     )
-    return ckpt.manager(directory, max_to_keep=keep), restored
+    return ckpt.manager(directory, max_to_keep=keep, asynchronous=True), restored
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -724,13 +725,13 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def _closing(iterator):
-    """Stops grain's worker processes however the loop ends."""
+def _closing(resource):
+    """Closes `resource` however the loop ends: grain's worker processes stop, orbax's last write finishes."""
     try:
-        yield iterator
+        yield resource
     finally:
-        if hasattr(iterator, "close"):
-            iterator.close()
+        if hasattr(resource, "close"):
+            resource.close()
 
 
 def _evaluate_and_log(

@@ -112,6 +112,39 @@ def test_training_state_is_written_packed_and_read_back_exactly(tmp_path):
     mngr.close()
 
 
+def test_an_asynchronous_save_keeps_its_steps_state_while_training_goes_on(tmp_path):
+    """Training saves asynchronously: the save returns before the files are written and the next steps
+    overwrite the state's device buffers (donated). Each checkpoint still holds the state of its own step;
+    closing the manager waits for the last write; the temporary folder of a killed write is removed."""
+    import orbax.checkpoint as ocp
+
+    from cltdr_jax.checkpoint import manager, restore_training, save_training
+
+    state = jax.device_put(_small_state())
+    expected = jax.tree_util.tree_map(np.array, jax.device_get(state))  # copies, before anything changes
+    overwrite = jax.jit(lambda s: jax.tree_util.tree_map(lambda x: x * 0 + 7, s), donate_argnums=0)
+    mngr = manager(tmp_path / "ckpt", asynchronous=True)
+    save_training(mngr, state, {"step": 12})
+    state = jax.block_until_ready(overwrite(state))  # while orbax may still be writing step 12
+    save_training(mngr, state.replace(step=np.int32(13)), {"step": 13})
+    mngr.close()
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [12, 13]
+
+    (tmp_path / "ckpt" / "14.orbax-checkpoint-tmp-1").mkdir()  # what a run killed mid-write leaves
+    mngr = manager(tmp_path / "ckpt", asynchronous=True)
+    assert mngr.all_steps() == [12, 13]
+    save_training(mngr, state.replace(step=np.int32(14)), {"step": 14})  # the resumed run's next save
+    mngr.wait_until_finished()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["12", "13", "14"]
+    restored, _ = restore_training(mngr, 12, _abstract(expected), "the test's state")
+    _assert_same_tree(restored, expected)
+    params = mngr.restore(12, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    _assert_same_tree(params, expected.ema_params)
+    later, _ = restore_training(mngr, 13, _abstract(expected), "the test's state")
+    assert np.all(np.asarray(later.params["conv"]["kernel"]) == 7)
+    mngr.close()
+
+
 def test_a_training_state_that_does_not_fit_names_the_leaf(tmp_path):
     from cltdr_jax.checkpoint import manager, restore_training, save_training
 
