@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cltdr_jax.config import config_from_dict
+from cltdr_jax.errors import CltdrError
 from cltdr_jax.model import layers
 from cltdr_jax.model.detector import CLTDRGMG
 from cltdr_jax.model.gmg import GMGBlock, softshrink
@@ -141,7 +142,7 @@ def test_conv1d_paths_match_a_float64_correlation(k, c_in, c_out, stride, path, 
 
 def test_conv_forms_setting_is_checked(monkeypatch):
     monkeypatch.setenv(layers.CONV_FORMS_ENV, "fast")
-    with pytest.raises(ValueError, match="CLTDR_CONV_FORMS='fast': expected auto, rewritten or xla"):
+    with pytest.raises(CltdrError, match="CLTDR_CONV_FORMS='fast': expected auto, rewritten or xla"):
         layers.conv1d(jnp.ones((1, 4, 8)), jnp.ones((3, 8, 8)))
 
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cltdr_jax.errors import CltdrError
+
 Array = jax.Array
 Init = Callable[..., Array]
 Dtype = Any  # a jnp dtype, or None: the input's
@@ -67,7 +69,7 @@ def rewritten_conv_forms() -> bool:
     when a program is traced, for the backend it compiles for (JAX's default: the one it runs on)."""
     choice = os.environ.get(CONV_FORMS_ENV, "auto")
     if choice not in ("auto", "rewritten", "xla"):
-        raise ValueError(f"{CONV_FORMS_ENV}={choice!r}: expected auto, rewritten or xla")
+        raise CltdrError(f"environment variable {CONV_FORMS_ENV}={choice!r}: expected auto, rewritten or xla")
     return choice == "rewritten" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
