@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark: one command, one JSON (scripts/benchmark_device.py), under 8 minutes on one H100 / H200.
+# The GPU benchmark: one command, one JSON (scripts/benchmark_device.py), made to finish within 8 minutes on one H100 / H200
+# (its compilations dominate; it has not run on a GPU yet).
 #
 #   ./scripts/benchmark_gpu.sh [--out gpu.json]          # needs the CUDA build of jax: pip install -U "jax[cuda12]"
 #   ./scripts/benchmark_gpu.sh --small                   # the same measures, smaller: runs on a CPU too
