@@ -130,7 +130,7 @@ def test_an_asynchronous_save_keeps_its_steps_state_while_training_goes_on(tmp_p
     mngr.close()
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [12, 13]
 
-    (tmp_path / "ckpt" / "14.orbax-checkpoint-tmp-1").mkdir()  # what a run killed mid-write leaves
+    (tmp_path / "ckpt" / f"14{ocp.utils.TMP_DIR_SUFFIX}-1").mkdir()  # what a run killed mid-write leaves
     mngr = manager(tmp_path / "ckpt", asynchronous=True)
     assert mngr.all_steps() == [12, 13]
     save_training(mngr, state.replace(step=np.int32(14)), {"step": 14})  # the resumed run's next save
